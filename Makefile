@@ -1,0 +1,24 @@
+# One-command entry points. Each creates .venv with the package and its extras on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test quickstart benchmark clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## make test: install into .venv and run the whole suite (multi-device tests run in their own subprocesses).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## make benchmark: the MoE layer benchmark table (docs/benchmarks.md).
+benchmark: $(STAMP)
+	$(PY) scripts/benchmark.py moe
+
+clean:
+	rm -rf $(VENV) .pytest_cache

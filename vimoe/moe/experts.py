@@ -1,0 +1,86 @@
+"""Expert MLPs with stacked weights.
+
+Axis letters (see vimoe/moe/routing.py for the full glossary): E experts, N rows (tokens or slots) per expert,
+D model dimension, H hidden dimension.
+
+Each expert is `out = act(x @ w_in + b_in) @ w_out + b_out`; for "swiglu" the hidden activation is
+`silu(x @ w_gate) * (x @ w_in + b_in)` (Shazeer 2020, "GLU variants"); for "prelu" the negative slope is a learned
+parameter per expert and hidden unit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("gelu", "relu", "prelu", "swiglu")
+
+# Expert weights are [E, fan_in, fan_out]: the fan-in axis is -2, the leading axis is the expert (batch) axis.
+_kernel_init = jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+def check_activation(activation: str) -> None:
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation={activation!r} is not known; valid: {', '.join(ACTIVATIONS)}")
+
+
+def expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:
+  """One expert (no leading E axis on `params`): x [N, D] -> [N, D]."""
+  pre = x @ params["w_in"].astype(x.dtype) + params["b_in"].astype(x.dtype)  # [N, H]
+  if activation == "gelu":
+    hidden = jax.nn.gelu(pre)
+  elif activation == "relu":
+    hidden = jax.nn.relu(pre)
+  elif activation == "prelu":
+    hidden = jnp.where(pre >= 0, pre, params["slope"].astype(x.dtype) * pre)
+  elif activation == "swiglu":
+    hidden = jax.nn.silu(x @ params["w_gate"].astype(x.dtype)) * pre
+  else:
+    check_activation(activation)
+  return hidden @ params["w_out"].astype(x.dtype) + params["b_out"].astype(x.dtype)  # [N, D]
+
+
+def stacked_expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:
+  """All experts at once: params with leading E axis, x [E, N, D] -> [E, N, D] (a batched matmul)."""
+  return jax.vmap(lambda p, xe: expert_mlp(p, xe, activation))(params, x)
+
+
+class Experts(nnx.Module):
+  """`num_experts` MLPs whose weights are stacked on a leading expert axis.
+
+  Parameters: `w_in` [E, D, H], `b_in` [E, H], `w_out` [E, H, D], `b_out` [E, D]; plus `w_gate` [E, D, H] for
+  "swiglu" and `slope` [E, H] for "prelu".
+  """
+
+  def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
+               rngs: nnx.Rngs, param_dtype=jnp.float32):
+    check_activation(activation)
+    self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
+    E, D, H = num_experts, dim, hidden_dim
+    self.w_in = nnx.Param(_kernel_init(rngs.params(), (E, D, H), param_dtype))
+    self.b_in = nnx.Param(jnp.zeros((E, H), param_dtype))
+    self.w_out = nnx.Param(_kernel_init(rngs.params(), (E, H, D), param_dtype))
+    self.b_out = nnx.Param(jnp.zeros((E, D), param_dtype))
+    if activation == "swiglu":
+      self.w_gate = nnx.Param(_kernel_init(rngs.params(), (E, D, H), param_dtype))
+    if activation == "prelu":
+      self.slope = nnx.Param(jnp.full((E, H), 0.25, param_dtype))  # He et al. 2015 initial slope
+
+  def params_dict(self) -> dict:
+    names = ["w_in", "b_in", "w_out", "b_out"]
+    names += ["w_gate"] if self.activation == "swiglu" else []
+    names += ["slope"] if self.activation == "prelu" else []
+    return {name: getattr(self, name)[...] for name in names}
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [E, N, D] -> [E, N, D]: expert e applied to row block e."""
+    return stacked_expert_mlp(self.params_dict(), x, self.activation)
+
+  def apply_all(self, x: jax.Array) -> jax.Array:
+    """Every expert on the same tokens, summed: x [..., D] -> [..., D] (used for always-on shared experts)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = stacked_expert_mlp(self.params_dict(), jnp.broadcast_to(flat, (self.num_experts,) + flat.shape),
+                             self.activation)
+    return out.sum(0).reshape(x.shape)

@@ -1,0 +1,54 @@
+"""Auxiliary load-balancing losses and routing metrics (pure functions).
+
+Shapes use the glossary of vimoe/moe/routing.py, with N = G*S routed tokens flattened.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def coefficient_of_variation(values: jax.Array, eps: float = 1e-10) -> jax.Array:
+  """CV = std / mean over the last axis (population std, ddof=0)."""
+  return jnp.std(values, axis=-1) / (jnp.mean(values, axis=-1) + eps)
+
+
+def importance_loss(dense_gates: jax.Array) -> jax.Array:
+  """Shazeer 2017 eq. 6-7 (unweighted): CV(Importance)^2 with Importance_e = sum over tokens of G(x)_e.
+
+  dense_gates [N,E]: the gate of each expert (zero where not selected).
+  """
+  return coefficient_of_variation(jnp.sum(dense_gates, axis=0)) ** 2
+
+
+def load_loss(load_probability: jax.Array) -> jax.Array:
+  """Shazeer 2017 eq. 10-11 (unweighted): CV(Load)^2 with Load_e = sum over tokens of P(x, e) (normal CDF)."""
+  return coefficient_of_variation(jnp.sum(load_probability, axis=0)) ** 2
+
+
+def switch_balance_loss(probs: jax.Array, top1_index: jax.Array) -> jax.Array:
+  """Switch / GShard balance loss: E * sum_e f_e * P_e.
+
+  probs [N,E] router probabilities; top1_index [N] first choice. f_e = fraction of tokens whose first choice is e,
+  P_e = mean router probability of e. Equals 1 when routing is uniform.
+  """
+  num_experts = probs.shape[-1]
+  fraction = jnp.mean(jax.nn.one_hot(top1_index, num_experts, dtype=jnp.float32), axis=0)
+  mean_prob = jnp.mean(probs, axis=0)
+  return num_experts * jnp.sum(fraction * mean_prob)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits [N,E]."""
+  return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+
+
+def load_metrics(expert_counts: jax.Array) -> dict:
+  """Metrics of a per-expert load vector [E] (counts or soft counts)."""
+  total = jnp.maximum(jnp.sum(expert_counts), 1e-10)
+  return {
+      "expert_load": expert_counts / total,
+      "load_cv": coefficient_of_variation(expert_counts),
+      "max_mean_load": jnp.max(expert_counts) / jnp.maximum(jnp.mean(expert_counts), 1e-10),
+  }
