@@ -38,18 +38,26 @@ def einsum_dispatch_tensors(assignment: Assignment, num_experts: int, capacity: 
   return dispatch, combine
 
 
+def _identity(t):
+  return t
+
+
 def einsum_moe(x: jax.Array, dispatch: jax.Array, combine: jax.Array, expert_fn: ExpertFn,
-               constrain: Callable[[jax.Array], jax.Array] = lambda t: t) -> jax.Array:
+               constrain_groups: Callable[[jax.Array], jax.Array] = _identity,
+               constrain_experts: Callable[[jax.Array], jax.Array] = _identity) -> jax.Array:
   """x [G,S,M], dispatch/combine [G,S,E,C] -> [G,S,M].
 
-  `constrain` is applied to the [E,G,C,M] expert buffers on their way in and out; under a mesh it pins them
-  to P('expert', 'data', ...) so the partitioner emits all-to-all (vimoe.parallel).
+  The dispatch einsum produces [G,E,C,M] in the tokens' own layout (local on every device); the transpose to
+  [E,G,C,M] is the layout change that, under a mesh, `constrain_groups` (G over ('data','expert')) and
+  `constrain_experts` (E over 'expert', G over 'data') turn into an all-to-all; the way back mirrors it.
   """
   G, S, E, C = dispatch.shape
-  expert_in = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch.astype(x.dtype), x))       # [E,G,C,M]
+  expert_in = constrain_groups(jnp.einsum("GSEC,GSM->GECM", dispatch.astype(x.dtype), x))          # [G,E,C,M]
+  expert_in = constrain_experts(expert_in.transpose(1, 0, 2, 3))                                     # [E,G,C,M]
   expert_out = expert_fn(expert_in.reshape(E, G * C, -1)).reshape(E, G, C, -1)
-  expert_out = constrain(expert_out)
-  return jnp.einsum("GSEC,EGCM->GSM", combine.astype(x.dtype), expert_out)               # [G,S,M]
+  expert_out = constrain_experts(expert_out)
+  expert_out = constrain_groups(expert_out.transpose(1, 0, 2, 3))                                    # [G,E,C,M]
+  return jnp.einsum("GSEC,GECM->GSM", combine.astype(x.dtype), expert_out)                          # [G,S,M]
 
 
 def gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity: int,

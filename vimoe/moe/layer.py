@@ -14,6 +14,7 @@ from flax import nnx, struct
 from vimoe.moe import dispatch as dispatch_lib
 from vimoe.moe import losses as losses_lib
 from vimoe.moe import routing
+from vimoe.moe import sharding
 from vimoe.moe.experts import Experts, check_activation, expert_mlp
 
 ROUTERS = ("top_k", "noisy_top_k", "experts_choose", "soft", "prototype", "hash")
@@ -142,27 +143,47 @@ def _token_choice_aux(probs, logits, expert_index, gates, kept, num_experts):
 
 
 def run_experts(experts: Experts, units: jax.Array, assignment: routing.Assignment, *, dispatch: str,
-                capacity: int | None, tokens_per_unit: int, block_size: int | None, constrain=lambda t: t):
-  """Send units [G,S,U*D] (U tokens per routed unit) to `experts` as `assignment` says -> [G,S,U*D]."""
+                capacity: int | None, tokens_per_unit: int, block_size: int | None):
+  """Send units [G,S,U*D] (U tokens per routed unit) to `experts` as `assignment` says -> [G,S,U*D].
+
+  Under a mesh with an 'expert' axis (`with jax.set_mesh(mesh):`), groups are split over ('data', 'expert') and
+  expert buffers over 'expert' (vimoe/moe/sharding.py); without one, everything runs on one device.
+  """
   G, S, payload = units.shape
   E = experts.num_experts
   D = payload // tokens_per_unit
+  mesh = sharding.current_expert_mesh()
 
   def expert_fn(t):  # [E, N, U*D] -> [E, N, U*D], the MLP applied per token
     return experts(t.reshape(E, -1, D)).reshape(t.shape)
 
   if capacity is None and dispatch == "gather":
-    # Dropless: expand item decisions to their tokens, sort by expert, grouped matmul.
+    # Dropless: expand item decisions to their tokens, sort by expert, grouped matmul. Under a mesh the
+    # partitioner runs it with the expert weights gathered (no expert parallelism for this path).
     index = jnp.repeat(assignment.expert_index.reshape(G * S, -1), tokens_per_unit, axis=0)
     gates = jnp.repeat(assignment.weight.reshape(G * S, -1), tokens_per_unit, axis=0)
     out = dispatch_lib.dropless_moe(units.reshape(-1, D), index, gates, E, experts.params_dict(),
                                     lambda p, xb: expert_mlp(p, xb, experts.activation), block_size)
     return out.reshape(G, S, payload)
   slots = S if capacity is None else capacity
+  if mesh is not None:
+    sharding.check_divisible(mesh, G, E)
+    units = sharding.constrain_groups(units, mesh)
   if dispatch == "einsum":
     dispatch_tensor, combine = dispatch_lib.einsum_dispatch_tensors(assignment, E, slots)
-    return dispatch_lib.einsum_moe(units, dispatch_tensor, combine, expert_fn, constrain)
-  return dispatch_lib.gather_moe(units, assignment, E, slots, expert_fn)
+    if mesh is None:
+      out = dispatch_lib.einsum_moe(units, dispatch_tensor, combine, expert_fn)
+    else:
+      groups = lambda t: sharding.constrain_groups(t, mesh)
+      dispatch_tensor, combine = groups(dispatch_tensor), groups(combine)
+      out = dispatch_lib.einsum_moe(units, dispatch_tensor, combine, expert_fn, groups,
+                                    lambda t: sharding.constrain_expert_buffers(t, mesh))
+  elif mesh is not None:
+    out = sharding.sharded_gather_moe(units, assignment, E, slots, experts.params_dict(), experts.activation,
+                                      tokens_per_unit, mesh)
+  else:
+    out = dispatch_lib.gather_moe(units, assignment, E, slots, expert_fn)
+  return out if mesh is None else sharding.constrain_groups(out, mesh)
 
 
 class MoeLayer(nnx.Module):
@@ -245,8 +266,11 @@ class MoeLayer(nnx.Module):
     deterministic = self.router.deterministic if deterministic is None else deterministic
     B, T, D = x.shape
     units, features, ids, tokens_per_unit = self._units(x, router_input, token_ids)
-    G, S, _ = units.shape
-    E, K = self.num_experts, self.k
+    mesh = sharding.current_expert_mesh()
+    if mesh is not None:  # every device routes its own groups
+      sharding.check_divisible(mesh, units.shape[0], self.num_experts)
+      units, features = sharding.constrain_groups(units, mesh), sharding.constrain_groups(features, mesh)
+    E = self.num_experts
 
     if self.router_kind == "soft":
       dispatch_weights, combine = routing.soft_routing(features, self.router.kernel[...], self.router.scale[...])

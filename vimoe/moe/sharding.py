@@ -1,0 +1,100 @@
+"""Expert parallelism inside the MoE layer, driven by the ambient mesh (`with jax.set_mesh(mesh):`).
+
+The MoE math reads the mesh through `jax.sharding` only, so `vimoe.moe` never imports `vimoe.parallel`
+(which builds meshes and partition rules on top of this). Conventions (DESIGN.md section 5):
+
+* mesh axes `('data', 'expert')`, optionally `'model'` (ignored here: replicated);
+* routing groups `[G, S, M]` are sharded over `('data', 'expert')`: every device routes its own groups;
+* expert buffers `[E, G, C, M]` are sharded `P('expert', 'data')`: the move between the two layouts is an
+  all-to-all over `'expert'` (inserted by the partitioner for the einsum dispatch, written out with
+  `jax.lax.all_to_all` inside `jax.shard_map` for the gather dispatch);
+* expert weights `[E, ...]` are sharded `P('expert')`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from vimoe.moe.experts import stacked_expert_mlp
+from vimoe.moe.routing import Assignment
+
+DATA_AXIS = "data"
+EXPERT_AXIS = "expert"
+
+
+def current_expert_mesh():
+  """The mesh set with `jax.set_mesh` if it has an 'expert' axis, else None (single-device semantics)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or EXPERT_AXIS not in mesh.axis_names:
+    return None
+  return mesh
+
+
+def token_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes that routing groups are split over."""
+  return tuple(axis for axis in (DATA_AXIS, EXPERT_AXIS) if axis in mesh.axis_names)
+
+
+def data_axis_or_none(mesh):
+  return DATA_AXIS if DATA_AXIS in mesh.axis_names else None
+
+
+def check_divisible(mesh, num_groups: int, num_experts: int) -> None:
+  groups_split = 1
+  for axis in token_axes(mesh):
+    groups_split *= mesh.shape[axis]
+  if num_groups % groups_split:
+    raise ValueError(f"the batch forms {num_groups} routing groups, which cannot be split over the "
+                     f"{groups_split} devices of mesh axes {token_axes(mesh)}; choose group_size (or the batch "
+                     "size) so the number of groups is a multiple of that")
+  if num_experts % mesh.shape[EXPERT_AXIS]:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's 'expert' axis of size "
+                     f"{mesh.shape[EXPERT_AXIS]}")
+
+
+def constrain_groups(x: jax.Array, mesh) -> jax.Array:
+  """[G, ...] with G split over ('data', 'expert')."""
+  return jax.lax.with_sharding_constraint(x, P(token_axes(mesh)))
+
+
+def constrain_expert_buffers(t: jax.Array, mesh) -> jax.Array:
+  """[E, G, C, M] with E on 'expert' and G on 'data'."""
+  return jax.lax.with_sharding_constraint(t, P(EXPERT_AXIS, data_axis_or_none(mesh)))
+
+
+def sharded_gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity: int, params: dict,
+                       activation: str, tokens_per_unit: int, mesh) -> jax.Array:
+  """Gather dispatch with explicit all-to-all: x [G,S,U*D] -> [G,S,U*D].
+
+  Each device gathers its groups' tokens into [E, G_local, C, M] buffers, an all-to-all over 'expert' sends
+  expert e's buffers to the device holding expert e ([E_local, G_local * n_expert, C, M]), the local experts
+  run, and the inverse all-to-all brings results home for the weighted combine.
+  """
+  E, C = num_experts, capacity
+  groups = P(token_axes(mesh))
+  experts_spec = jax.tree.map(lambda _: P(EXPERT_AXIS), params)
+
+  def local(x, expert_index, slot, weight, kept, params):
+    G, S, M = x.shape
+    position = jnp.where(kept, expert_index * C + slot, E * C)                                   # [G,S,K]
+    token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], position.shape)
+    g = jnp.arange(G)[:, None, None]
+    slot_token = jnp.full((G, E * C), S, jnp.int32).at[g, position].set(token, mode="drop")
+    x_padded = jnp.concatenate([x, jnp.zeros((G, 1, M), x.dtype)], axis=1)
+    buffers = jnp.take_along_axis(x_padded, slot_token[..., None], axis=1)                       # [G,E*C,M]
+    buffers = buffers.reshape(G, E, C, M).transpose(1, 0, 2, 3)                                  # [E,G,C,M]
+    buffers = jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 1, tiled=True)                         # [E_l,G*n,C,M]
+    E_local, G_all = buffers.shape[:2]
+    rows = buffers.reshape(E_local, G_all * C * tokens_per_unit, M // tokens_per_unit)
+    out = stacked_expert_mlp(params, rows, activation).reshape(E_local, G_all, C, M)
+    out = jax.lax.all_to_all(out, EXPERT_AXIS, 1, 0, tiled=True)                                 # [E,G,C,M]
+    out = out.transpose(1, 0, 2, 3).reshape(G, E * C, M)
+    gathered = jnp.take_along_axis(out, jnp.minimum(position, E * C - 1).reshape(G, -1)[..., None],
+                                   axis=1).reshape(position.shape + (M,))
+    return jnp.einsum("GSK,GSKM->GSM", weight.astype(x.dtype), gathered)
+
+  a = assignment
+  return jax.shard_map(local, mesh=mesh, in_specs=(groups, groups, groups, groups, groups, experts_spec),
+                       out_specs=groups)(x, a.expert_index, a.slot, a.weight, a.kept, params)
