@@ -1,0 +1,132 @@
+"""Benchmarks that print ratios measured in one run (this machine is shared and noisy: compare within a run).
+
+    python scripts/benchmark.py moe [--tokens 4096 --dim 384 --hidden 1536 --experts 8,32,64 --k 1,2]
+
+`moe`: forward+backward time of one MoE layer per (dispatch, router, E, k, group size) against a dense MLP of the
+same active compute (hidden width k*H), their ratio, the compiled peak memory and tokens/s. Results go to
+docs/benchmarks.md by hand, with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vimoe import moe
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+  """Best-of-`repeats` wall time of a compiled call, in milliseconds."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
+
+
+def peak_memory_mb(compiled) -> float:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return float("nan")
+  total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           - analysis.alias_size_in_bytes)
+  return total / 2 ** 20
+
+
+def fwd_bwd(module_fn):
+  """jit(grad) of sum(y * r) with respect to the module's parameters and the input."""
+  def loss(module, x, r):
+    y = module_fn(module, x)
+    return jnp.sum(y * r)
+  return nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+
+
+class DenseMlp(nnx.Module):
+  def __init__(self, dim, hidden, rngs):
+    self.mlp = moe.Experts(1, dim, hidden, rngs=rngs)
+
+  def __call__(self, x):
+    return self.mlp(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)
+
+
+def measure(module, call, x, r, repeats):
+  step = fwd_bwd(call)
+  graphdef, state = nnx.split(module)
+  compiled = jax.jit(lambda s, x, r: nnx.grad(
+      lambda m, x: jnp.sum(call(m, x) * r), argnums=(0, 1))(nnx.merge(graphdef, s), x)).lower(state, x, r).compile()
+  return time_fn(step, module, x, r, repeats=repeats), peak_memory_mb(compiled)
+
+
+def bench_moe(args):
+  T, D, H = args.tokens, args.dim, args.hidden
+  seq = args.seq_len
+  x = jax.random.normal(jax.random.PRNGKey(0), (T // seq, seq, D))
+  r = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  rows = []
+  dense_step, dense_mem = {}, {}
+  for k in args.k:  # compiled once per k, timed again next to every MoE row so load changes hit both alike
+    dense = DenseMlp(D, k * H, nnx.Rngs(0))
+    step = fwd_bwd(lambda m, x: m(x))
+    dense_step[k] = lambda step=step, dense=dense: time_fn(step, dense, x, r, repeats=args.repeats)
+    _, dense_mem[k] = measure(dense, lambda m, x: m(x), x, r, 1)
+    print(f"# dense MLP hidden {k}x{H}: {dense_mem[k]:.0f} MB compiled peak", flush=True)
+
+  configs = []
+  for E in args.experts:
+    for k in args.k:
+      configs.append(("gather", args.router, E, k, None, None))          # dropless
+      for group in args.group_sizes:
+        configs.append(("einsum", args.router, E, k, group, args.capacity_factor))
+      configs.append(("gather", args.router, E, k, args.group_sizes[0], args.capacity_factor))
+  header = ("| dispatch | router | E | k | group | cf | C | MoE ms | dense ms | ratio | peak MB | tokens/s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print(header, flush=True)
+  for dispatch, router, E, k, group, cf in configs:
+    layer = moe.MoeLayer(D, H, E, k, router=router, dispatch=dispatch, capacity_factor=cf, group_size=group,
+                         rngs=nnx.Rngs(0))
+    _, aux = layer(x)
+    ms, mem = measure(layer, lambda m, x: m(x)[0], x, r, args.repeats)
+    dense_ms = dense_step[k]()
+    capacity = int(aux.metrics["capacity"])
+    row = (f"| {dispatch}{' dropless' if cf is None else ''} | {router} | {E} | {k} | {group or '-'} | "
+           f"{cf or '-'} | {capacity if capacity >= 0 else '-'} | {ms:.1f} | {dense_ms:.1f} | "
+           f"{ms / dense_ms:.2f} | {mem:.0f} | {T / ms * 1e3:,.0f} |")
+    rows.append(row)
+    print(row, flush=True)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="what", required=True)
+  p = sub.add_parser("moe", help="MoE layer vs dense MLP of the same active compute")
+  ints = lambda s: [int(v) for v in s.split(",")]
+  p.add_argument("--tokens", type=int, default=4096)
+  p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (the default routing group)")
+  p.add_argument("--dim", type=int, default=384)
+  p.add_argument("--hidden", type=int, default=1536)
+  p.add_argument("--experts", type=ints, default=[8, 32, 64])
+  p.add_argument("--k", type=ints, default=[1, 2])
+  p.add_argument("--group-sizes", type=ints, default=[256, 1024])
+  p.add_argument("--capacity-factor", type=float, default=1.25)
+  p.add_argument("--router", default="top_k", choices=moe.ROUTERS)
+  p.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args(argv)
+  print(f"# {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}, {len(jax.devices())} device(s)")
+  print("# command: python " + " ".join(sys.argv))
+  if args.what == "moe":
+    bench_moe(args)
+
+
+if __name__ == "__main__":
+  main()
