@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = ("gelu", "relu", "prelu", "swiglu")
+# "gelu" is the tanh approximation (jax.nn.gelu default); "gelu_exact" is the erf form of torch nn.GELU, which
+# DINOv2 uses, so experts upcycled from a DINOv2 MLP compute exactly what the dense MLP did.
+ACTIVATIONS = ("gelu", "gelu_exact", "relu", "prelu", "swiglu")
 
 # Expert weights are [E, fan_in, fan_out]: the fan-in axis is -2, the leading axis is the expert (batch) axis.
 _kernel_init = jax.nn.initializers.variance_scaling(
@@ -31,6 +33,8 @@ def expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:
   pre = x @ params["w_in"].astype(x.dtype) + params["b_in"].astype(x.dtype)  # [N, H]
   if activation == "gelu":
     hidden = jax.nn.gelu(pre)
+  elif activation == "gelu_exact":
+    hidden = jax.nn.gelu(pre, approximate=False)
   elif activation == "relu":
     hidden = jax.nn.relu(pre)
   elif activation == "prelu":
