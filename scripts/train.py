@@ -1,0 +1,29 @@
+"""Train and evaluate from a config; rerunning the same command resumes.
+
+    python scripts/train.py --config configs/quickstart.py --workdir /tmp/quickstart [--config.total_steps=100]
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vimoe import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally :ARG).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and config.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  parallel.initialize()  # multi-host start-up; a no-op for one process
+  from vimoe.train import train_and_evaluate
+  final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if parallel.is_main_process():
+    headline = {key: round(value, 4) for key, value in final.items()
+                if isinstance(value, float) and key.count("/") == 1}
+    print("final evaluation:", headline)
+
+
+if __name__ == "__main__":
+  app.run(main)

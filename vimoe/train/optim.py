@@ -1,0 +1,66 @@
+"""Optimizer: AdamW with warmup + cosine decay, layer-wise learning-rate decay and gradient clipping (optax)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from vimoe.parallel.partition import path_string
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+  total = int(config.total_steps)
+  warmup = min(int(config.warmup_steps), max(total - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(total, warmup + 1),
+                                            end_value=config.lr * config.min_lr_ratio)
+
+
+def layer_id(path: str, depth: int) -> int:
+  """BEiT-style layer index: 0 for embeddings, i+1 for block i, depth+1 for the final norm and head."""
+  match = re.search(r"(^|/)blocks/(\d+)(/|$)", path)
+  if match:
+    return int(match.group(2)) + 1
+  if re.search(r"(patch_embed|cls_token|pos_embed|register_tokens|mask_token|embed)", path):
+    return 0
+  return depth + 1
+
+
+def layerwise_lr_scales(params, decay: float, depth: int):
+  """Multiplier decay ** (depth + 1 - layer_id) per parameter (1 everywhere when decay == 1)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: decay ** (depth + 1 - layer_id(path_string(path), depth)), params)
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update by a fixed per-parameter factor."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def weight_decay_mask(params):
+  """No weight decay on biases, norms, LayerScale, tokens and position embeddings (anything with ndim < 2)."""
+  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def create_optimizer(config, params, depth: int) -> optax.GradientTransformation:
+  """config: the `optim` block (lr, min_lr_ratio, warmup_steps, total_steps, weight_decay, b1, b2,
+  grad_clip_norm, layer_decay)."""
+  schedule = learning_rate_schedule(config)
+  parts = []
+  if config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                           mask=weight_decay_mask(params)))
+  if config.layer_decay != 1.0:
+    parts.append(scale_by_tree(layerwise_lr_scales(params, config.layer_decay, depth)))
+  return optax.chain(*parts)
