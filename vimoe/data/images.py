@@ -1,0 +1,251 @@
+"""Image-classification input pipelines (grain, no TensorFlow): the one entry point the trainer calls.
+
+    ds = build_image_dataset(config, "train", batch_size=256, seed=0, train=True)
+    it = iter(ds)                       # a grain.DatasetIterator
+    batch = next(it)                    # {"image": float32 [b, H, W, 3], "label": int32 [b]}
+    state = it.get_state()              # == iterator_state(it): a JSON-serialisable dict
+    it = iter(ds); it.set_state(state)  # == restore_iterator(it, state): continues with the next batch
+
+`batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows of its own shard.
+
+Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left out take the defaults below):
+
+  name            "digits" (embedded, no download; see vimoe.data.digits) | "imagenet2012" (tfds, see
+                  vimoe.data.imagenet). Required.
+  image_size      output side H = W. Default 32 (digits), 224 (imagenet2012).
+  mean, std       per-channel normalisation of pixels scaled to [0, 1]: image = (pixel - mean) / std. Three numbers
+                  or one. Default ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) (DINOv2's), for both.
+  augment         training augmentation on/off (default True); evaluation never augments. digits: random shift by
+                  up to `max_shift` pixels; imagenet2012: random-resized crop + horizontal flip (augment=False
+                  trains on the evaluation view).
+  num_workers     grain worker processes (`mp_prefetch`); 0 (default) = in the calling process. The launching
+                  script needs an `if __name__ == "__main__":` guard; unparsed absl flags are marked parsed
+                  (defaults) because the workers read them. Close iterators with workers: `it.close()`.
+  read_threads    threads per process (per worker, with workers) that each build whole batches; up to this many
+                  batches wait in memory. Default 0 (digits: in-memory, built on demand), 16 (imagenet2012).
+  max_shift       digits: largest random shift in pixels of the upscaled image. Default 2.
+  data_dir        imagenet2012: tfds data dir. Default None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  crop_scale      imagenet2012 training: range of the crop's area fraction. Default (0.08, 1.0).
+  crop_ratio      imagenet2012 training: range of the crop's aspect ratio w/h. Default (3/4, 4/3).
+  crop_fraction   imagenet2012 evaluation: resize the shorter side to floor(image_size / crop_fraction), then
+                  take the central image_size square. Default 0.875 (224 -> 256 -> 224).
+  interpolation   imagenet2012: "bicubic" (default, as DINOv2) | "bilinear".
+
+Splits: digits "train" (1442) | "test" (355); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
+
+Order and sharding. Training (`train=True`): a global shuffle of the whole split, deterministic per `seed` and
+reshuffled every epoch, identical on all processes; the shuffled split is cut to a multiple of the process count and
+process p takes positions p, p + P, ... (disjoint, equal sizes); repeated `num_epochs` times (None = forever).
+A batch may span an epoch boundary; only the final partial batch of a finite run is dropped. Augmentation is
+seeded per example from `seed` and the example's position, so it too is deterministic and differs between epochs.
+Evaluation (`train=False`): file order, process p takes examples p, p + P, ...; one pass (or `num_epochs`); every
+process yields the same number of FULL batches: the end is padded with rows of label -1 and image 0, which
+metrics must skip (`label >= 0`). `num_examples` gives the unpadded count.
+
+Checkpointing the training iterator: the state is a small JSON-serialisable dict (a position, no data). With orbax,
+grain ships a handler, `grain.checkpoint.CheckpointHandler` (also `grain.python.PyGrainCheckpointHandler`), with the
+args `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)`; it writes one JSON file per
+process. Next to a model state:
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                data=grain.checkpoint.CheckpointSave(it)))
+    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree),
+                                                  data=grain.checkpoint.CheckpointRestore(it)))  # restores `it`
+
+The state is only valid for the same config, split, seed, batch size, process count and num_workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from vimoe.data import digits, imagenet, transforms
+
+NAMES = ("digits", "imagenet2012")
+INTERPOLATIONS = tuple(transforms.INTERPOLATIONS)
+_DEFAULTS = {
+    "digits": {"image_size": 32, "read_threads": 0},
+    "imagenet2012": {"image_size": 224, "read_threads": 16},
+}
+_COMMON_DEFAULTS = {
+    "mean": transforms.IMAGENET_MEAN, "std": transforms.IMAGENET_STD, "augment": True, "num_workers": 0,
+    "max_shift": 2, "data_dir": None, "crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3),
+    "crop_fraction": 0.875, "interpolation": "bicubic",
+}
+PAD_LABEL = -1
+
+
+def _resolve(config) -> dict[str, Any]:
+  """Config values with defaults filled in, checked."""
+  get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+  name = get("name", None)
+  if name not in NAMES:
+    raise ValueError(f"config.name={name!r} is not a known image dataset; valid names: {', '.join(NAMES)}")
+  defaults = {**_COMMON_DEFAULTS, **_DEFAULTS[name]}
+  resolved = {"name": name}
+  for key, default in defaults.items():
+    value = get(key, None)
+    resolved[key] = default if value is None else value
+  for key in ("mean", "std"):
+    value = np.asarray(resolved[key], np.float32).reshape(-1)
+    if value.size not in (1, 3):
+      raise ValueError(f"config.{key}={resolved[key]!r} must be one number or three (per RGB channel)")
+    resolved[key] = tuple(float(v) for v in np.broadcast_to(value, (3,)))
+  if np.any(np.asarray(resolved["std"]) <= 0):
+    raise ValueError(f"config.std={resolved['std']} must be positive")
+  for key in ("image_size", "num_workers", "read_threads", "max_shift"):
+    value = resolved[key]
+    minimum = 1 if key == "image_size" else 0
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f"config.{key}={value!r} must be an integer >= {minimum}")
+    resolved[key] = int(value)
+  if resolved["interpolation"] not in INTERPOLATIONS:
+    raise ValueError(f"config.interpolation={resolved['interpolation']!r} is unknown; valid: "
+                     f"{', '.join(INTERPOLATIONS)}")
+  if not 0 < resolved["crop_fraction"] <= 1:
+    raise ValueError(f"config.crop_fraction={resolved['crop_fraction']!r} must be in (0, 1]")
+  for key in ("crop_scale", "crop_ratio"):
+    low, high = resolved[key]
+    if not 0 < low <= high:
+      raise ValueError(f"config.{key}={resolved[key]!r} must be (low, high) with 0 < low <= high")
+  if resolved["crop_scale"][1] > 1:
+    raise ValueError(f"config.crop_scale={resolved['crop_scale']!r}: the area fraction cannot exceed 1")
+  return resolved
+
+
+def _check_imagenet_split(split: str) -> None:
+  base = split.split("[", 1)[0]
+  valid = ("train", "validation", "test")
+  if base not in valid:
+    raise ValueError(f"imagenet2012 split={split!r} is unknown; valid: {', '.join(valid)}, optionally with a tfds "
+                     f"slice such as 'train[:99%]'")
+
+
+def num_classes(config) -> int:
+  """10 for digits, 1000 for imagenet2012."""
+  name = _resolve(config)["name"]
+  return digits.NUM_CLASSES if name == "digits" else imagenet.NUM_CLASSES
+
+
+def num_examples(config, split: str) -> int:
+  """Examples in `split` over all processes, before any padding or dropping (imagenet2012 reads the metadata)."""
+  cfg = _resolve(config)
+  if cfg["name"] == "digits":
+    return digits.num_examples(split)
+  _check_imagenet_split(split)
+  return imagenet.num_examples(split, cfg["data_dir"])
+
+
+def _source_and_transform(cfg: dict[str, Any], split: str, augment: bool):
+  """(random-access source, grain Map or RandomMap turning a source example into the output element)."""
+  mean, std, size = cfg["mean"], cfg["std"], cfg["image_size"]
+  if cfg["name"] == "digits":
+    source = digits.DigitsSource(split, size)
+    if augment and cfg["max_shift"] > 0:
+      return source, digits.DigitsTrain(mean, std, cfg["max_shift"])
+    return source, digits.DigitsEval(mean, std)
+  _check_imagenet_split(split)
+  source = imagenet.open_source(split, cfg["data_dir"])
+  if augment:
+    return source, imagenet.ImagenetTrain(size, mean, std, cfg["interpolation"], cfg["crop_scale"],
+                                          cfg["crop_ratio"])
+  return source, imagenet.ImagenetEval(size, mean, std, cfg["interpolation"], cfg["crop_fraction"])
+
+
+def _apply(ds: grain.MapDataset, transform) -> grain.MapDataset:
+  if isinstance(transform, grain.transforms.RandomMap):
+    return ds.random_map(transform)
+  return ds.map(transform)
+
+
+def _process_shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train: bool,
+                        num_epochs: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.IterDataset:
+  """A grain IterDataset of {"image": float32 [b, H, W, 3], "label": int32 [b]}, b = batch_size / process_count.
+
+  Args:
+    config: dataset config, keys in the module docstring.
+    split: see the module docstring.
+    batch_size: GLOBAL batch size, divisible by the process count.
+    seed: shuffle and augmentation seed, an integer in [0, 2**32).
+    train: shuffle, augment (if config.augment), repeat and drop the last partial batch; else one ordered pass
+      with padded batches (label -1 on padding rows).
+    num_epochs: passes over the split; None = forever when training, once when evaluating.
+    process_index, process_count: this process's shard; default jax.process_index() / jax.process_count().
+  """
+  cfg = _resolve(config)
+  process_index, process_count = _process_shard(process_index, process_count)
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the process count {process_count}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32)")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs={num_epochs} must be positive or None")
+  local_batch = batch_size // process_count
+  source, transform = _source_and_transform(cfg, split, augment=train and cfg["augment"])
+
+  ds = grain.MapDataset.source(source).seed(seed)
+  if train:
+    ds = _apply(ds.shuffle(), transform)
+    even = len(ds) - len(ds) % process_count
+    ds = ds[:even][process_index::process_count]
+    if len(ds) < local_batch:
+      raise ValueError(f"split {split!r} gives each of {process_count} processes {len(ds)} examples, fewer than "
+                       f"one batch of {local_batch}")
+    ds = ds.repeat(num_epochs)
+  else:
+    ds = _apply(ds, transform)[process_index::process_count]
+    # Same number of full batches on every process: pad up to the largest shard, rounded up to whole batches.
+    padded_length = math.ceil(math.ceil(len(source) / process_count) / local_batch) * local_batch
+    pad_element = {"image": np.zeros((cfg["image_size"], cfg["image_size"], 3), np.float32),
+                   "label": np.int32(PAD_LABEL)}
+    if padded_length > len(ds):
+      padding = grain.MapDataset.source([pad_element] * (padded_length - len(ds)))
+      ds = grain.MapDataset.concatenate([ds, padding])
+    if num_epochs is not None and num_epochs > 1:
+      ds = ds.repeat(num_epochs)
+
+  # Batching before the threads and workers split the work makes the batches independent of read_threads and
+  # num_workers; each thread builds whole batches, and at most read_threads of them wait in the buffer.
+  ds = ds.batch(local_batch, drop_remainder=train)
+  read_options = grain.ReadOptions(num_threads=cfg["read_threads"], prefetch_buffer_size=cfg["read_threads"])
+  iter_ds = ds.to_iter_dataset(read_options)
+  if cfg["num_workers"] > 0:
+    _ensure_absl_flags_parsed()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["num_workers"]))
+  return iter_ds
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside absl.app.run (notebooks, pytest) use their defaults."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
+  """`iterator.get_state()`: a JSON-serialisable dict (its position); save it with the model checkpoint."""
+  return iterator.get_state()
+
+
+def restore_iterator(iterator: grain.DatasetIterator, state: dict[str, Any] | str | bytes) -> grain.DatasetIterator:
+  """`iterator.set_state(state)` (state as a dict or its JSON text); the iterator then yields what followed it."""
+  if isinstance(state, (str, bytes)):
+    state = json.loads(state)
+  iterator.set_state(state)
+  return iterator
