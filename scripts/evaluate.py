@@ -5,7 +5,7 @@
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by scripts/train.py.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -14,6 +14,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   from vimoe.train import evaluate, load_for_evaluation
   config, task, model, step = load_for_evaluation(_WORKDIR.value, _STEP.value)
   metrics = evaluate(task, model, config)

@@ -3,7 +3,7 @@
     python scripts/train.py --config configs/quickstart.py --workdir /tmp/quickstart [--config.total_steps=100]
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vimoe import parallel
@@ -16,6 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   parallel.initialize()  # multi-host start-up; a no-op for one process
   from vimoe.train import train_and_evaluate
   final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)

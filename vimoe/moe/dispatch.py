@@ -7,9 +7,9 @@ Three dispatchers, all taking `expert_fn(x [E, N, M]) -> [E, N, M]` that runs ex
   is the form the SPMD partitioner turns into all-to-all when G and E are sharded.
 * `gather_moe`: the same computation with slot indices: a gather builds the [E, G, C, M] expert buffers and a
   gather + weighted sum brings results back. Same output as `einsum_moe` for the same assignment and capacity.
-* `dropless_moe`: no capacity. Assignments are sorted by expert into blocks of `block_size` rows (each expert's
-  segment padded to a whole number of blocks, MegaBlocks-style) and a grouped matmul runs only the blocks that
-  hold tokens, so the work stays near K x tokens whatever the imbalance, with static shapes.
+* `dropless_moe`: no capacity. Each expert's first A/E assignments (its share under perfect balance) run as one
+  batched matmul; the overflow is sorted by expert into blocks (MegaBlocks-style, static shapes) and a loop with a
+  dynamic trip count runs only the blocks that hold tokens, so the work stays near K x tokens for any imbalance.
 """
 
 from __future__ import annotations
@@ -80,95 +80,108 @@ def gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dropless: block-sorted grouped matmul.
+# Dropless: a balanced batched part plus an overflow block loop.
+
+def _take_expert(params, e):
+  return jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, e, keepdims=False), params)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def grouped_blocks(block_fn, block_size: int, params, rows, block_start, block_count):
-  """Runs `block_fn(params_e, rows[b:b+block_size])` on each of expert e's `block_count[e]` blocks.
+def overflow_blocks(block_fn, block_size: int, params, rows, block_expert, num_blocks):
+  """Runs `block_fn(params[block_expert[i]], rows[i*B:(i+1)*B])` for the first `num_blocks` blocks.
 
-  params: pytree with a leading E axis; rows [R, M] sorted by expert; block_start [E] first row of each expert's
-  segment; block_count [E] number of blocks in it (a traced value: empty blocks cost nothing). Rows outside every
-  segment come back as zeros. The backward pass recomputes each block's forward inside `jax.vjp`.
+  params: pytree with a leading E axis; rows [R, M]; block_expert [R/B] int; num_blocks a traced scalar, so
+  blocks past it cost nothing. Rows of inactive blocks come back as zeros. The backward pass recomputes each
+  block inside `jax.vjp` and adds its weight gradient into the slice of its expert.
   """
-  return _grouped_forward(block_fn, block_size, params, rows, block_start, block_count)
+  return _overflow_forward(block_fn, block_size, params, rows, block_expert, num_blocks)
 
 
-def _grouped_forward(block_fn, block_size, params, rows, block_start, block_count):
-  def per_expert(out, inputs):
-    params_e, start, count = inputs
-
-    def body(i, out):
-      offset = start + i * block_size
-      block = lax.dynamic_slice_in_dim(rows, offset, block_size)
-      return lax.dynamic_update_slice_in_dim(out, block_fn(params_e, block), offset, 0)
-
-    return lax.fori_loop(0, count, body, out), None
-
-  out, _ = lax.scan(per_expert, jnp.zeros_like(rows), (params, block_start, block_count))
-  return out
+def _overflow_forward(block_fn, block_size, params, rows, block_expert, num_blocks):
+  def body(i, out):
+    block = lax.dynamic_slice_in_dim(rows, i * block_size, block_size)
+    result = block_fn(_take_expert(params, block_expert[i]), block)
+    return lax.dynamic_update_slice_in_dim(out, result, i * block_size, 0)
+  return lax.fori_loop(0, num_blocks, body, jnp.zeros_like(rows))
 
 
-def _grouped_fwd(block_fn, block_size, params, rows, block_start, block_count):
-  out = _grouped_forward(block_fn, block_size, params, rows, block_start, block_count)
-  return out, (params, rows, block_start, block_count)
+def _overflow_fwd(block_fn, block_size, params, rows, block_expert, num_blocks):
+  out = _overflow_forward(block_fn, block_size, params, rows, block_expert, num_blocks)
+  return out, (params, rows, block_expert, num_blocks)
 
 
-def _grouped_bwd(block_fn, block_size, residuals, d_out):
-  params, rows, block_start, block_count = residuals
+def _overflow_bwd(block_fn, block_size, residuals, d_out):
+  params, rows, block_expert, num_blocks = residuals
 
-  def per_expert(d_rows, inputs):
-    params_e, start, count = inputs
+  def body(i, carry):
+    d_rows, d_params = carry
+    e = block_expert[i]
+    block = lax.dynamic_slice_in_dim(rows, i * block_size, block_size)
+    d_block_out = lax.dynamic_slice_in_dim(d_out, i * block_size, block_size)
+    _, vjp = jax.vjp(block_fn, _take_expert(params, e), block)
+    d_params_e, d_block = vjp(d_block_out)
+    d_params = jax.tree.map(
+        lambda acc, g: lax.dynamic_update_index_in_dim(acc, lax.dynamic_index_in_dim(acc, e, keepdims=False) + g,
+                                                       e, 0), d_params, d_params_e)
+    return lax.dynamic_update_slice_in_dim(d_rows, d_block, i * block_size, 0), d_params
 
-    def body(i, carry):
-      d_rows, d_params_e = carry
-      offset = start + i * block_size
-      block = lax.dynamic_slice_in_dim(rows, offset, block_size)
-      d_block_out = lax.dynamic_slice_in_dim(d_out, offset, block_size)
-      _, vjp = jax.vjp(block_fn, params_e, block)
-      d_params_block, d_block = vjp(d_block_out)
-      d_params_e = jax.tree.map(jnp.add, d_params_e, d_params_block)
-      return lax.dynamic_update_slice_in_dim(d_rows, d_block, offset, 0), d_params_e
-
-    zeros = jax.tree.map(jnp.zeros_like, params_e)
-    return lax.fori_loop(0, count, body, (d_rows, zeros))
-
-  d_rows, d_params = lax.scan(per_expert, jnp.zeros_like(rows), (params, block_start, block_count))
+  d_rows, d_params = lax.fori_loop(0, num_blocks, body,
+                                   (jnp.zeros_like(rows), jax.tree.map(jnp.zeros_like, params)))
   return d_params, d_rows, None, None
 
 
-grouped_blocks.defvjp(_grouped_fwd, _grouped_bwd)
+overflow_blocks.defvjp(_overflow_fwd, _overflow_bwd)
 
 
-def default_block_size(num_assignments: int, num_experts: int) -> int:
-  """A power of two near half the mean rows per expert, in [16, 256]: big enough for efficient matmuls, small
-  enough that the half-empty last block of each expert wastes little."""
-  mean_rows = max(1, num_assignments // num_experts)
-  return int(min(256, max(16, 2 ** math.floor(math.log2(max(mean_rows // 2, 1))))))
+def default_overflow_block_size(num_assignments: int, num_experts: int) -> int:
+  """About the typical overflow of one expert under random routing (sqrt of its mean load), a power of two in
+  [8, 128]."""
+  typical = math.sqrt(max(num_assignments / num_experts, 1.0))
+  return int(min(128, max(8, 2 ** math.floor(math.log2(typical)))))
 
 
 def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int, params,
-                 block_fn: Callable, block_size: int | None = None) -> jax.Array:
-  """No-drop MoE. x [N,M]; expert_index, gates [N,K]; params with leading E; block_fn(params_e, [B,M]) -> [B,M]."""
+                 block_fn: Callable, block_size: int | None = None,
+                 base_capacity: int | None = None) -> jax.Array:
+  """No-drop MoE. x [N,M]; expert_index, gates [N,K]; params with leading E; block_fn(params_e, [B,M]) -> [B,M].
+
+  Assignments are ranked within their expert. The first `base_capacity` (default: the mean load A/E) of each
+  expert go to a batched [E, C0, M] expert call (the efficient form of the matmul); the rest, the overflow, are
+  sorted by expert into blocks of `block_size` rows (each expert's overflow padded to whole blocks) that a loop
+  with a dynamic trip count runs. Work: E*C0 + overflow + at most one partial block per overflowing expert, so
+  about K x tokens for balanced routing and at most about twice that for any routing, with static shapes.
+  """
   N, K = expert_index.shape
   M = x.shape[-1]
   E = num_experts
-  A = N * K                                                        # assignments
-  if block_size is None:
-    block_size = default_block_size(A, E)
+  A = N * K                                                            # assignments
+  C0 = A // E if base_capacity is None else base_capacity
+  B = default_overflow_block_size(A, E) if block_size is None else block_size
   flat_expert = expert_index.reshape(A)
-  order = jnp.argsort(flat_expert, stable=True)                   # assignments sorted by expert
+  order = jnp.argsort(flat_expert, stable=True)                       # assignments sorted by expert
   counts = jnp.bincount(flat_expert, length=E)
-  padded = (counts + block_size - 1) // block_size * block_size   # each segment a whole number of blocks
-  segment_start = jnp.cumsum(padded) - padded
   first_sorted = jnp.cumsum(counts) - counts
   sorted_expert = flat_expert[order]
-  row_sorted = segment_start[sorted_expert] + jnp.arange(A) - first_sorted[sorted_expert]
-  row = jnp.zeros(A, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))          # row of each assignment
-  num_rows = (math.ceil(A / block_size) + E) * block_size         # static bound on sum(padded)
-  row_token = jnp.full(num_rows, N, jnp.int32).at[row].set(jnp.arange(A, dtype=jnp.int32) // K)
+  rank = jnp.zeros(A, jnp.int32).at[order].set(
+      (jnp.arange(A) - first_sorted[sorted_expert]).astype(jnp.int32))  # rank of each assignment in its expert
+  overflow = jnp.maximum(counts - C0, 0)
+  padded = (overflow + B - 1) // B * B
+  segment_start = jnp.cumsum(padded) - padded
+  # Static bound on the overflow rows: if anything overflows, some expert holds >= C0 assignments, so at most
+  # A - C0 overflow, plus padding of less than one block per expert.
+  num_rows = (math.ceil(max(A - C0, 0) / B) + E) * B
+  in_buffer = rank < C0
+  position = jnp.where(in_buffer, flat_expert * C0 + rank,
+                       E * C0 + segment_start[flat_expert] + rank - C0)     # row in [buffers; overflow]
+  row_token = jnp.full(E * C0 + num_rows, N, jnp.int32).at[position].set(jnp.arange(A, dtype=jnp.int32) // K)
   x_padded = jnp.concatenate([x, jnp.zeros((1, M), x.dtype)], axis=0)
-  rows = x_padded[row_token]                                       # [R,M]
-  out_rows = grouped_blocks(block_fn, block_size, params, rows, segment_start.astype(jnp.int32),
-                            (padded // block_size).astype(jnp.int32))
-  gathered = out_rows[row].reshape(N, K, M)
+  rows = x_padded[row_token]                                           # [E*C0 + R, M]
+  buffer_out = jax.vmap(block_fn)(params, rows[:E * C0].reshape(E, C0, M)).reshape(E * C0, M)
+  block_end = jnp.cumsum(padded)                                       # expert of each overflow block:
+  block_expert = jnp.searchsorted(block_end, jnp.arange(num_rows // B) * B, side="right").astype(jnp.int32)
+  block_expert = jnp.minimum(block_expert, E - 1)
+  overflow_out = overflow_blocks(block_fn, B, params, rows[E * C0:], block_expert,
+                                 (jnp.sum(padded) // B).astype(jnp.int32))
+  out_rows = jnp.concatenate([buffer_out, overflow_out], axis=0)
+  gathered = out_rows[position].reshape(N, K, M)
   return jnp.einsum("NK,NKM->NM", gates.astype(x.dtype), gathered)

@@ -197,7 +197,7 @@ class MoeLayer(nnx.Module):
     slots_per_expert: P for router="soft".
     importance_weight, load_weight: Shazeer 2017 losses (load only for noisy_top_k).
     balance_weight: Switch/GShard balance loss; z_loss_weight: router z-loss.
-    block_size: rows per block of the dropless grouped matmul (None: chosen from tokens per expert).
+    block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
   """
 
   def __init__(self, dim: int, hidden_dim: int, num_experts: int, k: int = 1, *, router: str = "top_k",

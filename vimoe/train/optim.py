@@ -28,21 +28,24 @@ def layer_id(path: str, depth: int) -> int:
   return depth + 1
 
 
-def layerwise_lr_scales(params, decay: float, depth: int):
+def layerwise_lr_scales(tree, decay: float, depth: int):
   """Multiplier decay ** (depth + 1 - layer_id) per parameter (1 everywhere when decay == 1)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: decay ** (depth + 1 - layer_id(path_string(path), depth)), params)
+      lambda path, _: decay ** (depth + 1 - layer_id(path_string(path), depth)), tree)
 
 
-def scale_by_tree(scales) -> optax.GradientTransformation:
-  """Multiplies each update by a fixed per-parameter factor."""
+def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
+  """Layer-wise learning-rate decay (BEiT, Bao et al. 2022): updates of block i scaled by decay**(depth - i).
+
+  The factors are computed from the parameter paths of the updates, so they are constants under jit.
+  """
   def init(params):
     del params
     return optax.EmptyState()
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+    return jax.tree.map(lambda u, s: u * s, updates, layerwise_lr_scales(updates, decay, depth)), state
 
   return optax.GradientTransformation(init, update)
 
@@ -52,7 +55,7 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def create_optimizer(config, params, depth: int) -> optax.GradientTransformation:
+def create_optimizer(config, depth: int) -> optax.GradientTransformation:
   """config: the `optim` block (lr, min_lr_ratio, warmup_steps, total_steps, weight_decay, b1, b2,
   grad_clip_norm, layer_decay)."""
   schedule = learning_rate_schedule(config)
@@ -60,7 +63,7 @@ def create_optimizer(config, params, depth: int) -> optax.GradientTransformation
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                           mask=weight_decay_mask(params)))
+                           mask=weight_decay_mask))
   if config.layer_decay != 1.0:
-    parts.append(scale_by_tree(layerwise_lr_scales(params, config.layer_decay, depth)))
+    parts.append(scale_by_layer(config.layer_decay, depth))
   return optax.chain(*parts)

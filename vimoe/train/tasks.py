@@ -56,18 +56,22 @@ class Classification:
     return total, metrics
 
   def eval_batch(self, model, batch):
+    """Sums over the valid rows of a batch (evaluation batches are padded with label -1)."""
     logits, aux = model(batch["image"], deterministic=True)
     labels = batch["label"]
+    valid = (labels >= 0).astype(jnp.float32)
+    safe_labels = jnp.maximum(labels, 0)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    sums = {"count": jnp.asarray(labels.shape[0], jnp.float32),
-            "correct_top1": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-            "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1)).astype(jnp.float32),
-            "loss_sum": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                                                 labels))}
-    # Routing statistics weighted by batch size so the sum over batches averages correctly.
+    sums = {"count": jnp.sum(valid),
+            "correct_top1": jnp.sum(valid * (jnp.argmax(logits, -1) == labels)),
+            "correct_top5": jnp.sum(valid * jnp.any(top5 == labels[:, None], axis=-1)),
+            "loss_sum": jnp.sum(valid * optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), safe_labels))}
+    # Routing statistics of the batch (padding rows included), weighted by its valid rows so the sum over
+    # batches becomes an average.
     for key, value in moe_summary(aux, "moe").items():
       if key.split("/")[-1] in ("dropped_fraction", "expert_load", "load_cv", "importance_cv"):
-        sums[key] = value * labels.shape[0]
+        sums[key] = value * sums["count"]
     return sums
 
   def summarize(self, sums):

@@ -112,8 +112,7 @@ def build(config):
   validate_config(config)
   task = get_task(config.task)
   model = task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1, dropout=config.seed + 2))
-  params = nnx.state(model, nnx.Param)
-  optimizer = nnx.Optimizer(model, create_optimizer(config.optim, params, task.depth(model)), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
   return task, model, optimizer
 
 
