@@ -33,6 +33,13 @@ class Classification:
     from vimoe.models import build_vit  # models never import train; train imports models lazily here
     return build_vit(config.model, rngs=rngs)
 
+  def load_pretrained(self, model, config):
+    """config.init.checkpoint: converted DINOv2 weights (scripts/convert_dinov2.py), an HF directory or a .pth
+    file; a ViMoE model is upcycled (every expert a copy of the dense MLP, plus init.noise_std noise)."""
+    from vimoe.checkpoints import load_pretrained
+    load_pretrained(model, config.init.checkpoint, noise_std=config.init.get("noise_std", 0.0),
+                    rng=jax.random.PRNGKey(config.seed))
+
   def build_data(self, config, split, *, train, seed, batch_size):
     from vimoe.data import build_image_dataset
     return build_image_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)

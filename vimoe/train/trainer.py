@@ -147,6 +147,9 @@ def train_and_evaluate(config, workdir) -> dict:
     nnx.update(model, restored.state["model"])
     nnx.update(optimizer, restored.state["optimizer"])
     print(f"Resumed from step {start_step} ({manager.directory / str(start_step)})", flush=True)
+  elif config.get("init") and config.init.get("checkpoint"):
+    task.load_pretrained(model, config)
+    print(f"Initialised from {config.init.checkpoint}", flush=True)
 
   @nnx.jit
   def train_step(model, optimizer, batch):

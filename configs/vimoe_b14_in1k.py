@@ -1,0 +1,16 @@
+"""ViMoE-B/14: DINOv2 ViT-B/14 with MoE in the last 2 blocks, N=8, top-1, per-image routing, one shared expert,
+upcycled from DINOv2-B. Layer decay 0.65 as usual for B-size fine-tuning. (The paper reports S/14 in DESIGN.md
+s.7; this is the next size up, for users with more compute.)
+
+    python scripts/train.py --config configs/vimoe_b14_in1k.py --workdir runs/vimoe_b14 \
+        --config.init.checkpoint=ckpt/dinov2_b14 --config.data.data_dir=$TFDS_DATA_DIR
+
+Arg: epochs (default 30).
+"""
+
+from configs.imagenet_common import base_config
+
+
+def get_config(arg=None):
+  return base_config(variant="B/14", epochs=int(arg or 30), layer_decay=0.65, moe_layers="last:2",
+                     num_experts=8, k=1, num_shared_experts=1, route_per="item", drop_path_rate=0.2)
