@@ -1,0 +1,621 @@
+"""Vision Transformer with DINOv2's architecture, and ViMoE: the same ViT with MoE MLPs in chosen blocks.
+
+ViT: Dosovitskiy et al. 2021 (arXiv 2010.11929). DINOv2: Oquab et al. 2023 (arXiv 2304.07193), with registers:
+Darcet et al. 2024 (arXiv 2309.16588). V-MoE: Riquelme et al. 2021 (arXiv 2106.05974). ViMoE: Han et al. 2024
+(arXiv 2410.15732): MoE in the last L blocks, routing per image on the class token, optional shared expert.
+
+Shapes: B batch, H x W image, p patch size, h x w = H/p x W/p patch grid, N = h*w patch tokens, R registers,
+T = 1 + R + N tokens, D model dimension.
+
+    images [B, H, W, 3] --patch conv--> [B, h, w, D] -> [B, N, D] -> prepend class token, add positions
+      -> insert registers after the class token [B, T, D] -> blocks -> final LayerNorm -> head
+
+A block is pre-norm with LayerScale on both residual branches (DINOv2):
+    x = x + ls1 * attn(norm1(x));   x = x + ls2 * mlp(norm2(x))
+where `mlp` is a dense MLP or, in the blocks chosen by `moe.layers`, a `vimoe.moe.MoeLayer`.
+
+Model config keys (`build_vit(config)`, config an ml_collections.ConfigDict or a dict; every key optional):
+  name               ignored here (lets a trainer pick the model family)
+  variant            "S/14" "B/14" "L/14" "g/14" (DINOv2) or "Ti/16" "S/16" "S/32" "B/16" "B/32" "L/16" (ViT /
+                     V-MoE); sets dim, depth, num_heads, mlp_dim, patch_size (and mlp_activation for g/14,
+                     layerscale_init 1e-5 for DINOv2 sizes). None: give the sizes explicitly.
+  image_size         int or (height, width), default 224: the position-embedding grid is image_size // patch_size.
+                     Other resolutions work at call time (bicubic interpolation of the patch positions).
+  patch_size, dim, depth, num_heads, mlp_dim    explicit sizes (must agree with `variant` when both are given)
+  num_classes        classification head outputs, default 1000; 0: no head, the call returns pooled features
+  num_registers      DINOv2-reg register tokens, default 0
+  layerscale_init    LayerScale gamma init value, or None for no LayerScale
+  mlp_activation     "gelu_exact" (erf GELU, torch nn.GELU, DINOv2; default), "gelu" (tanh approximation), "relu",
+                     "swiglu" (DINOv2 g/14: fc2(silu(fc_gate(x)) * fc1(x)))
+  classifier         "cls": head on the class token (default); "cls+mean": on [class token, mean patch token]
+                     (DINOv2 linear evaluation)
+  head_zero_init     True (default): the head starts at zero (fine-tuning from a pretrained backbone)
+  drop_path_rate     stochastic depth, rising linearly from 0 in block 0 to this value in the last block
+  posemb_interpolation         "bicubic" (torch bicubic, HF Dinov2Model; default) or "bicubic_antialias"
+                               (torch antialias=True, HF Dinov2WithRegistersModel and the DINOv2-reg hub models)
+  posemb_interpolation_offset  0.0 (HF); 0.1 reproduces the original DINOv2 hub code (scale (n + 0.1) / M)
+  layer_norm_eps     1e-6
+  dtype              "float32" (default) or "bfloat16": computation dtype; parameters stay float32
+  moe                sub-config:
+    layers             where the MoE blocks are: "none" (default), "last:L" (the last L blocks; ViMoE's l=1 is the
+                       last block), "every:n" (every n-th block counted back from the last one, V-MoE), or a list of
+                       0-based block indices (also as a string "3,7")
+    num_experts (8), k (1), router ("top_k"), capacity_factor (1.25; None: never drop), dispatch ("einsum"),
+    group_size (None), route_per ("item": one decision per image, taken on the class token as in ViMoE; "token"
+    for dense tasks), num_shared_experts (0), normalize_gates (False), balance_weight, importance_weight,
+    z_loss_weight, load_weight (0.0), batch_priority (False), slots_per_expert (1, router "soft")
+    -- the arguments of `vimoe.moe.MoeLayer`; experts use the model's `mlp_activation`.
+
+Call: `logits, aux = model(images, deterministic=...)` with images float [B, H, W, 3] (normalised);
+aux = {"losses": {name: sum over MoE blocks}, "metrics": {"block{i}": MoeAux.metrics of block i}}.
+`model.features(images)` -> final-norm tokens [B, 1 + R + N, D] (class, registers, patches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vimoe import moe
+
+# name -> sizes (and architecture defaults) of the known variants.
+_DINOV2 = dict(layerscale_init=1e-5)
+VARIANTS: dict[str, dict[str, Any]] = {
+    # DINOv2 (Oquab et al. 2023, table 17); g/14 uses a SwiGLU MLP whose hidden width is 2/3 of 4*1536, i.e. 4096.
+    "S/14": dict(dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=14, **_DINOV2),
+    "B/14": dict(dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=14, **_DINOV2),
+    "L/14": dict(dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=14, **_DINOV2),
+    "g/14": dict(dim=1536, depth=40, num_heads=24, mlp_dim=4096, patch_size=14, mlp_activation="swiglu",
+                 **_DINOV2),
+    # ViT (Dosovitskiy et al. 2021, table 1; Ti and S from Touvron et al. 2021) and V-MoE sizes.
+    "Ti/16": dict(dim=192, depth=12, num_heads=3, mlp_dim=768, patch_size=16),
+    "S/16": dict(dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
+    "S/32": dict(dim=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=32),
+    "B/16": dict(dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
+    "B/32": dict(dim=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=32),
+    "L/16": dict(dim=1024, depth=24, num_heads=16, mlp_dim=4096, patch_size=16),
+}
+SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim", "patch_size")
+MLP_ACTIVATIONS = ("gelu_exact", "gelu", "relu", "swiglu")
+CLASSIFIERS = ("cls", "cls+mean")
+POSEMB_INTERPOLATIONS = ("bicubic", "bicubic_antialias")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Arguments of every `moe.MoeLayer` in the model (see vimoe/moe/layer.py)."""
+  num_experts: int = 8
+  k: int = 1
+  router: str = "top_k"
+  capacity_factor: float | None = 1.25
+  dispatch: str = "einsum"
+  group_size: int | None = None
+  route_per: str = "item"
+  num_shared_experts: int = 0
+  normalize_gates: bool = False
+  balance_weight: float = 0.0
+  importance_weight: float = 0.0
+  z_loss_weight: float = 0.0
+  load_weight: float = 0.0
+  batch_priority: bool = False
+  slots_per_expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Resolved, validated hyperparameters of a ViT (build one with `vit_config(config)`)."""
+  image_size: tuple[int, int]
+  patch_size: int
+  dim: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  num_classes: int = 1000
+  num_registers: int = 0
+  layerscale_init: float | None = None
+  mlp_activation: str = "gelu_exact"
+  classifier: str = "cls"
+  head_zero_init: bool = True
+  drop_path_rate: float = 0.0
+  posemb_interpolation: str = "bicubic"
+  posemb_interpolation_offset: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"
+  moe_layers: tuple[int, ...] = ()
+  moe: MoeConfig = MoeConfig()
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """Patch grid (h, w) of the stored position embeddings."""
+    return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config parsing and validation: every error names the key, the value and what is valid.
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_moe_layers(spec, depth: int, key: str = "model.moe.layers") -> tuple[int, ...]:
+  """Which blocks (0-based) are MoE blocks.
+
+  "none" / None / ""  -> ()
+  "last:L"            -> the last L blocks (ViMoE counts l=1 as the last block), L in [0, depth]
+  "every:n"           -> every n-th block counted back from the last: depth-1, depth-1-n, ... (V-MoE's "every
+                         other layer" is every:2 = blocks 1, 3, ..., depth-1), n in [1, depth]
+  [i, j, ...] / "i,j" -> explicit 0-based indices in [0, depth-1], no repeats
+  """
+  valid = f"valid: 'none', 'last:L' (0 <= L <= {depth}), 'every:n' (1 <= n <= {depth}), or a list of block " \
+          f"indices in [0, {depth - 1}]"
+  if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+    return ()
+  if isinstance(spec, str):
+    text = spec.strip()
+    match = re.fullmatch(r"(last|every):\s*(-?\d+)", text)
+    if match:
+      kind, number = match.group(1), int(match.group(2))
+      if kind == "last":
+        if not 0 <= number <= depth:
+          raise ValueError(f"{key}={spec!r}: L={number} is out of range for depth {depth}; {valid}")
+        return tuple(range(depth - number, depth))
+      if not 1 <= number <= depth:
+        raise ValueError(f"{key}={spec!r}: n={number} is out of range for depth {depth}; {valid}")
+      return tuple(sorted(range(depth - 1, -1, -number)))
+    if not re.fullmatch(r"-?\d+(\s*,\s*-?\d+)*", text):
+      raise ValueError(f"{key}={spec!r} is not understood; {valid}")
+    indices = [int(part) for part in text.split(",")]
+  elif isinstance(spec, (list, tuple)):
+    indices = list(spec)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices):
+      raise ValueError(f"{key}={spec!r}: block indices must be integers; {valid}")
+  else:
+    raise ValueError(f"{key}={spec!r} has type {type(spec).__name__}; {valid}")
+  for index in indices:
+    if not 0 <= index < depth:
+      raise ValueError(f"{key}={spec!r}: block index {index} is out of range for depth {depth}; {valid}")
+  if len(set(indices)) != len(indices):
+    raise ValueError(f"{key}={spec!r} names a block twice; {valid}")
+  return tuple(sorted(int(i) for i in indices))
+
+
+MODEL_KEYS = ("name", "variant", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_dim", "num_classes",
+              "num_registers", "layerscale_init", "mlp_activation", "classifier", "head_zero_init",
+              "drop_path_rate", "posemb_interpolation", "posemb_interpolation_offset", "layer_norm_eps", "dtype",
+              "moe")
+MOE_KEYS = ("layers",) + tuple(field.name for field in dataclasses.fields(MoeConfig))
+
+
+def _as_dict(config) -> dict:
+  if config is None:
+    return {}
+  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+    return config.to_dict()
+  return dict(config)
+
+
+def _check_keys(given: dict, valid: Sequence[str], prefix: str) -> None:
+  unknown = sorted(set(given) - set(valid))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                     f"valid keys: {', '.join(valid)}")
+
+
+def _positive_int(value, key: str) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{key}={value!r} must be a positive integer")
+  return int(value)
+
+
+def vit_config(config, prefix: str = "model.") -> ViTConfig:
+  """Validates a model config (see the module docstring) and resolves it into a `ViTConfig`.
+
+  Raises ValueError naming the key (with `prefix`), its value and what is valid; nothing is built or compiled.
+  """
+  given = {k: v for k, v in _as_dict(config).items()}
+  _check_keys(given, MODEL_KEYS, prefix)
+  moe_given = _as_dict(given.pop("moe", None))
+  _check_keys(moe_given, MOE_KEYS, prefix + "moe.")
+  given.pop("name", None)
+  variant = given.pop("variant", None)
+  resolved: dict[str, Any] = {}
+  if variant is not None:
+    if variant not in VARIANTS:
+      raise ValueError(f"{prefix}variant={variant!r} is not known; valid: {', '.join(VARIANTS)} "
+                       "(or None with explicit dim, depth, num_heads, mlp_dim, patch_size)")
+    resolved.update(VARIANTS[variant])
+  for key, value in given.items():
+    if value is None and key not in ("layerscale_init",):
+      continue  # None means "the default / the variant's value"
+    if variant is not None and key in SIZE_KEYS and value != VARIANTS[variant][key]:
+      raise ValueError(f"{prefix}{key}={value!r} conflicts with {prefix}variant={variant!r} "
+                       f"({key}={VARIANTS[variant][key]}); set {prefix}variant=None to give sizes explicitly")
+    resolved[key] = value
+  missing = [key for key in SIZE_KEYS if key not in resolved]
+  if missing:
+    raise ValueError(f"{', '.join(prefix + k for k in missing)} missing: give {prefix}variant (one of "
+                     f"{', '.join(VARIANTS)}) or explicit sizes")
+  for key in SIZE_KEYS:
+    _positive_int(resolved[key], prefix + key)
+  if resolved["dim"] % resolved["num_heads"]:
+    raise ValueError(f"{prefix}num_heads={resolved['num_heads']} must divide {prefix}dim={resolved['dim']}")
+  image_size = resolved.get("image_size", 224)
+  image_size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+  if len(image_size) != 2 or any(not isinstance(s, (int, np.integer)) or s < resolved["patch_size"]
+                                 for s in image_size):
+    raise ValueError(f"{prefix}image_size={resolved.get('image_size')!r} must be an int or (height, width), each "
+                     f">= {prefix}patch_size={resolved['patch_size']}")
+  resolved["image_size"] = tuple(int(s) for s in image_size)
+  num_classes = resolved.get("num_classes", 1000)
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+    raise ValueError(f"{prefix}num_classes={num_classes!r} must be an integer >= 0 (0: no head)")
+  num_registers = resolved.get("num_registers", 0)
+  if not isinstance(num_registers, (int, np.integer)) or num_registers < 0:
+    raise ValueError(f"{prefix}num_registers={num_registers!r} must be an integer >= 0")
+  for key, valid in (("mlp_activation", MLP_ACTIVATIONS), ("classifier", CLASSIFIERS),
+                     ("posemb_interpolation", POSEMB_INTERPOLATIONS), ("dtype", tuple(DTYPES))):
+    if key in resolved and resolved[key] not in valid:
+      raise ValueError(f"{prefix}{key}={resolved[key]!r} is not valid; choose one of: "
+                       f"{', '.join(map(repr, valid))}")
+  if not 0.0 <= resolved.get("drop_path_rate", 0.0) < 1.0:
+    raise ValueError(f"{prefix}drop_path_rate={resolved['drop_path_rate']!r} must be in [0, 1)")
+  if not 0.0 <= resolved.get("posemb_interpolation_offset", 0.0) < 1.0:
+    raise ValueError(f"{prefix}posemb_interpolation_offset={resolved['posemb_interpolation_offset']!r} must be "
+                     "in [0, 1) (0.0: HF, 0.1: original DINOv2)")
+
+  depth = resolved["depth"]
+  moe_layers = parse_moe_layers(moe_given.pop("layers", "none"), depth, key=prefix + "moe.layers")
+  moe_config = MoeConfig(**{k: v for k, v in moe_given.items() if v is not None or k in ("capacity_factor",
+                                                                                        "group_size")})
+  if moe_layers:
+    _validate_moe(moe_config, resolved.get("mlp_activation", "gelu_exact"), prefix + "moe.")
+  return ViTConfig(moe_layers=moe_layers, moe=moe_config, **resolved)
+
+
+def _validate_moe(config: MoeConfig, activation: str, prefix: str) -> None:
+  E, k = config.num_experts, config.k
+  if not isinstance(E, (int, np.integer)) or E < 1:
+    raise ValueError(f"{prefix}num_experts={E!r} must be a positive integer")
+  if config.router != "soft" and (not isinstance(k, (int, np.integer)) or not 1 <= k <= E):
+    raise ValueError(f"{prefix}k={k!r} must be an integer in [1, {prefix}num_experts={E}]")
+  try:
+    moe.validate_moe_args(
+        num_experts=E, k=k, router=config.router, capacity_factor=config.capacity_factor,
+        dispatch=config.dispatch, route_per=config.route_per, num_shared_experts=config.num_shared_experts,
+        activation=activation, batch_priority=config.batch_priority, causal=False, group_size=config.group_size,
+        load_weight=config.load_weight, importance_weight=config.importance_weight,
+        balance_weight=config.balance_weight, z_loss_weight=config.z_loss_weight)
+  except ValueError as error:  # the MoeLayer's messages start with the argument name, which is the config key
+    raise ValueError(f"{prefix}{error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Position-embedding interpolation, as torch.nn.functional.interpolate(mode="bicubic", align_corners=False).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter a (torch: a=-0.75 plain, a=-0.5 antialiased)."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False, offset: float = 0.0
+                          ) -> np.ndarray:
+  """[out_size, in_size] matrix R with resized = R @ signal, matching torch bicubic, align_corners=False.
+
+  `offset` > 0 reproduces torch called with scale_factor=(out_size + offset) / in_size instead of a size, as the
+  original DINOv2 code does; the output size is the same, the sampling positions move slightly.
+  """
+  inverse_scale = in_size / (out_size + offset)  # input pixels per output pixel
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    if not antialias:
+      # Sample at source coordinate s (pixel centres), 4 taps, indices clamped at the border.
+      source = inverse_scale * (i + 0.5) - 0.5
+      first = math.floor(source)
+      taps = np.arange(first - 1, first + 3)
+      weights = _cubic(taps - source, -0.75)
+      np.add.at(matrix[i], np.clip(taps, 0, in_size - 1), weights)
+    else:
+      # PIL-style: the kernel is stretched by the downscale factor and renormalised inside the image.
+      support = 2.0 * max(inverse_scale, 1.0)
+      stretch = 1.0 / max(inverse_scale, 1.0)
+      centre = inverse_scale * (i + 0.5)
+      low = max(int(centre - support + 0.5), 0)
+      high = min(int(centre + support + 0.5), in_size)
+      taps = np.arange(low, high)
+      weights = _cubic((taps - centre + 0.5) * stretch, -0.5)
+      matrix[i, taps] = weights / weights.sum()
+  return matrix
+
+
+def resize_position_grid(grid: jax.Array, new_hw: tuple[int, int], *, antialias: bool = False,
+                         offset: float = 0.0) -> jax.Array:
+  """grid [h, w, D] -> [h', w', D] by separable bicubic interpolation (computed in float32)."""
+  h, w, _ = grid.shape
+  rows = jnp.asarray(bicubic_resize_matrix(h, new_hw[0], antialias=antialias, offset=offset), jnp.float32)
+  cols = jnp.asarray(bicubic_resize_matrix(w, new_hw[1], antialias=antialias, offset=offset), jnp.float32)
+  return jnp.einsum("ih,jw,hwD->ijD", rows, cols, grid.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)  # [h', w', D]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+
+_linear_init = jax.nn.initializers.truncated_normal(0.02)  # DINOv2 / timm ViT initialisation
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; `qkv.kernel` [D, 3D] with output columns ordered (q|k|v, head, head_dim)."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_linear_init, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, kernel_init=_linear_init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    B, T, D = x.shape
+    qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)  # [B, T, 3, heads, D/heads]
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # softmax(q k^T / sqrt(d)) v
+    return self.proj(out.reshape(B, T, D))
+
+
+class Mlp(nnx.Module):
+  """Dense MLP: fc2(act(fc1(x))); "swiglu": fc2(silu(fc_gate(x)) * fc1(x)) (DINOv2 g/14, Shazeer 2020)."""
+
+  def __init__(self, dim: int, hidden_dim: int, activation: str, *, dtype, rngs: nnx.Rngs):
+    self.activation = activation
+    self.fc1 = nnx.Linear(dim, hidden_dim, kernel_init=_linear_init, dtype=dtype, rngs=rngs)
+    self.fc_gate = (nnx.Linear(dim, hidden_dim, kernel_init=_linear_init, dtype=dtype, rngs=rngs)
+                    if activation == "swiglu" else None)
+    self.fc2 = nnx.Linear(hidden_dim, dim, kernel_init=_linear_init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = self.fc1(x)  # [..., H]
+    if self.activation == "gelu_exact":
+      hidden = jax.nn.gelu(hidden, approximate=False)
+    elif self.activation == "gelu":
+      hidden = jax.nn.gelu(hidden, approximate=True)
+    elif self.activation == "relu":
+      hidden = jax.nn.relu(hidden)
+    else:  # swiglu
+      hidden = jax.nn.silu(self.fc_gate(x)) * hidden
+    return self.fc2(hidden)
+
+
+class LayerScale(nnx.Module):
+  """Per-channel residual-branch scale (Touvron et al. 2021, CaiT), `gamma` [D]."""
+
+  def __init__(self, dim: int, init_value: float):
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm Transformer block; the MLP is a `moe.MoeLayer` when `is_moe`."""
+
+  def __init__(self, config: ViTConfig, *, is_moe: bool, drop_path_rate: float, rngs: nnx.Rngs):
+    D, dtype = config.dim, DTYPES[config.dtype]
+    layer_norm = lambda: nnx.LayerNorm(D, epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
+                                       rngs=rngs)
+    self.is_moe = is_moe
+    self.route_per = config.moe.route_per
+    self.norm1 = layer_norm()
+    self.attn = Attention(D, config.num_heads, dtype=dtype, rngs=rngs)
+    self.ls1 = LayerScale(D, config.layerscale_init) if config.layerscale_init is not None else None
+    self.norm2 = layer_norm()
+    if is_moe:
+      m = config.moe
+      self.mlp = moe.MoeLayer(
+          D, config.mlp_dim, m.num_experts, m.k, router=m.router, capacity_factor=m.capacity_factor,
+          dispatch=m.dispatch, group_size=m.group_size, route_per=m.route_per,
+          num_shared_experts=m.num_shared_experts, normalize_gates=m.normalize_gates,
+          activation=config.mlp_activation, batch_priority=m.batch_priority, slots_per_expert=m.slots_per_expert,
+          importance_weight=m.importance_weight, load_weight=m.load_weight, balance_weight=m.balance_weight,
+          z_loss_weight=m.z_loss_weight, rngs=rngs)
+    else:
+      self.mlp = Mlp(D, config.mlp_dim, config.mlp_activation, dtype=dtype, rngs=rngs)
+    self.ls2 = LayerScale(D, config.layerscale_init) if config.layerscale_init is not None else None
+    # Stochastic depth: dropout with one mask value per example (broadcast over tokens and channels).
+    self.drop_path = (nnx.Dropout(drop_path_rate, broadcast_dims=(1, 2), rngs=rngs)
+                      if drop_path_rate > 0 else None)
+
+  def _residual(self, branch: jax.Array, scale: LayerScale | None, deterministic: bool) -> jax.Array:
+    if scale is not None:
+      branch = scale(branch)
+    if self.drop_path is not None:
+      branch = self.drop_path(branch, deterministic=deterministic)
+    return branch
+
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> tuple[jax.Array, moe.MoeAux | None]:
+    x = x + self._residual(self.attn(self.norm1(x)), self.ls1, deterministic)
+    hidden = self.norm2(x)  # [B, T, D]
+    aux = None
+    if self.is_moe:
+      # ViMoE classification: one routing decision per image, on the class token's features [B, D].
+      router_input = hidden[:, 0] if self.route_per == "item" else None
+      hidden, aux = self.mlp(hidden, router_input=router_input, deterministic=deterministic)
+    else:
+      hidden = self.mlp(hidden)
+    return x + self._residual(hidden, self.ls2, deterministic), aux
+
+
+class ViT(nnx.Module):
+  """ViT / ViMoE. Build with `build_vit(config)`; `ViT(vit_config(config), rngs=...)` is the same."""
+
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    D, p, dtype = config.dim, config.patch_size, DTYPES[config.dtype]
+    self.dtype = dtype
+    self.patch_embed = nnx.Conv(3, D, (p, p), strides=(p, p), padding="VALID", dtype=dtype, rngs=rngs)
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, D)))
+    self.register_tokens = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, config.num_registers, D)))
+                            if config.num_registers else None)
+    h, w = config.grid
+    self.pos_embed = nnx.Param(_linear_init(rngs.params(), (1, 1 + h * w, D)))  # class position, then row-major grid
+    rates = np.linspace(0.0, config.drop_path_rate, config.depth) if config.depth > 1 else [config.drop_path_rate]
+    self.blocks = nnx.List([Block(config, is_moe=i in config.moe_layers, drop_path_rate=float(rates[i]), rngs=rngs)
+                            for i in range(config.depth)])
+    self.norm = nnx.LayerNorm(D, epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+    head_in = D if config.classifier == "cls" else 2 * D
+    head_init = jax.nn.initializers.zeros if config.head_zero_init else _linear_init
+    self.head = (nnx.Linear(head_in, config.num_classes, kernel_init=head_init, rngs=rngs)
+                 if config.num_classes else None)
+
+  def position_embedding(self, grid_hw: tuple[int, int]) -> jax.Array:
+    """Position embeddings for a patch grid (h, w): [1, 1 + h*w, D]. The class position is kept; the patch grid
+    is bicubically interpolated when it differs from the stored one (DINOv2 `interpolate_pos_encoding`)."""
+    pos = self.pos_embed[...]
+    if tuple(grid_hw) == self.config.grid:
+      return pos
+    h0, w0 = self.config.grid
+    grid = pos[0, 1:].reshape(h0, w0, -1)  # [h0, w0, D]
+    grid = resize_position_grid(grid, grid_hw, antialias=self.config.posemb_interpolation == "bicubic_antialias",
+                                offset=self.config.posemb_interpolation_offset)  # [h, w, D]
+    return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)
+
+  def encode(self, images: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+    """images [B, H, W, 3] -> (final-norm tokens [B, 1 + R + N, D], aux)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images have shape {images.shape}; expected [batch, height, width, 3] (NHWC)")
+    p = self.config.patch_size
+    if images.shape[1] < p or images.shape[2] < p:
+      raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} pixels are smaller than one {p}x{p} patch")
+    x = self.patch_embed(images.astype(self.dtype))  # [B, h, w, D]
+    B, h, w, D = x.shape
+    x = x.reshape(B, h * w, D)                                                    # [B, N, D]
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, D)), x], axis=1)
+    x = x + self.position_embedding((h, w)).astype(x.dtype)                        # [B, 1 + N, D]
+    if self.register_tokens is not None:  # registers carry no position (Darcet et al. 2024)
+      registers = jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (B,) + self.register_tokens.shape[1:])
+      x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)                # [B, 1 + R + N, D]
+    losses, metrics = {}, {}
+    for index, block in enumerate(self.blocks):
+      x, block_aux = block(x, deterministic=deterministic)
+      if block_aux is not None:
+        metrics[f"block{index}"] = block_aux.metrics
+        for name, value in block_aux.losses.items():
+          losses[name] = losses.get(name, 0.0) + value
+    return self.norm(x), {"losses": losses, "metrics": metrics}
+
+  def features(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """Final-norm token features [B, 1 + R + N, D]: class token, registers, patch tokens (row-major grid)."""
+    return self.encode(images, deterministic=deterministic)[0]
+
+  def __call__(self, images: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+    """images [B, H, W, 3] -> (logits [B, num_classes] float32, aux). Pass deterministic=False when training
+    (stochastic depth, router noise). With num_classes=0 the pooled features [B, D or 2D] are returned."""
+    tokens, aux = self.encode(images, deterministic=deterministic)
+    pooled = tokens[:, 0]                                                          # [B, D]
+    if self.config.classifier == "cls+mean":
+      patches = tokens[:, 1 + self.config.num_registers:]
+      pooled = jnp.concatenate([pooled, jnp.mean(patches, axis=1)], axis=-1)       # [B, 2D]
+    out = self.head(pooled) if self.head is not None else pooled
+    return out.astype(jnp.float32), aux
+
+
+def build_vit(config, *, rngs: nnx.Rngs | None = None) -> ViT:
+  """Builds a ViT/ViMoE from a model config (keys in the module docstring); validates it first."""
+  return ViT(vit_config(config), rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------------------------------------------
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameters (every nnx.Param)."""
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def moe_blocks(model: ViT) -> tuple[int, ...]:
+  return tuple(i for i, block in enumerate(model.blocks) if block.is_moe)
+
+
+def activated_params(model: ViT) -> int:
+  """Parameters used per token (per image with route_per="item"): each MoE block counts k of its N routed experts;
+  routers, shared experts and everything else count fully. Soft MoE mixes every expert into every token, so all
+  its experts count."""
+  total = count_params(model)
+  for index in moe_blocks(model):
+    layer = model.blocks[index].mlp
+    if layer.router_kind == "soft":
+      continue
+    per_expert = sum(int(np.prod(leaf.shape[1:])) for leaf in jax.tree.leaves(nnx.state(layer.experts, nnx.Param)))
+    total -= (layer.num_experts - layer.k) * per_expert
+  return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters by name ("blocks.3.attn.qkv.kernel"): used by checkpoint import and upcycling
+# ---------------------------------------------------------------------------------------------------------------
+
+def _path_name(path) -> str:
+  return ".".join(str(part) for part in path)
+
+
+def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+  """{dotted parameter name: array} for every nnx.Param of `model`."""
+  return {_path_name(path): variable.get_value()
+          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assign_params(model: ViT, params: dict, *, keep: Sequence[str] = ()) -> ViT:
+  """Overwrites `model`'s parameters by name, in place; returns the model.
+
+  `params` must name exactly the model's parameters, except names starting with one of `keep` (left as they are,
+  e.g. a fresh classification head or MoE router). A `pos_embed` for another patch grid is resampled to this model's
+  grid with the model's own interpolation, so the result is what the forward pass would compute at that resolution.
+  Raises ValueError naming missing, unexpected and mis-shaped parameters.
+  """
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  by_name = {_path_name(path): path for path in flat}
+  kept = lambda name: any(name == prefix or name.startswith(prefix + ".") for prefix in keep)
+  missing = sorted(name for name in by_name if name not in params and not kept(name))
+  unexpected = sorted(name for name in params if name not in by_name)
+  if missing or unexpected:
+    raise ValueError(f"parameter names do not match the model: missing {missing or 'none'}; "
+                     f"unexpected {unexpected or 'none'}")
+  updates, mismatched = {}, []
+  for name, value in sorted(params.items()):
+    if kept(name):
+      continue
+    path = by_name[name]
+    target_shape = tuple(flat[path].shape)
+    value = jnp.asarray(value)
+    if name == "pos_embed" and value.ndim == 3 and value.shape[::2] == target_shape[::2] \
+        and value.shape[1] != target_shape[1]:  # another patch grid, same width
+      value = _resample_pos_embed(model.config, value, target_shape)
+    if tuple(value.shape) != target_shape:
+      mismatched.append(f"{name} has shape {tuple(value.shape)}, the model expects {target_shape}")
+    updates[path] = value.astype(flat[path].dtype)
+  if mismatched:
+    raise ValueError(f"{len(mismatched)} parameter shape(s) do not match the model: " + "; ".join(mismatched))
+  for path, value in updates.items():
+    flat[path] = flat[path].replace(value=value)
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def _resample_pos_embed(config: ViTConfig, pos: jax.Array, target_shape: tuple[int, ...]) -> jax.Array:
+  """[1, 1 + n*n, D] (a square grid, as DINOv2 stores it) -> [1, 1 + h*w, D] for this model's grid."""
+  num_patches = pos.shape[1] - 1
+  side = math.isqrt(num_patches)
+  if pos.ndim != 3 or side * side != num_patches or pos.shape[2] != target_shape[2]:
+    raise ValueError(f"parameter pos_embed has shape {tuple(pos.shape)}: expected [1, 1 + n*n, {target_shape[2]}] "
+                     f"to resample to {target_shape}")
+  grid = resize_position_grid(pos[0, 1:].reshape(side, side, -1), config.grid,
+                              antialias=config.posemb_interpolation == "bicubic_antialias",
+                              offset=config.posemb_interpolation_offset)
+  return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)
