@@ -2,9 +2,13 @@
 
     python scripts/benchmark.py moe [--tokens 4096 --dim 384 --hidden 1536 --experts 8,32,64 --k 1,2]
 
+    python scripts/benchmark.py vit [--batch 16 --image-size 224]
+
 `moe`: forward+backward time of one MoE layer per (dispatch, router, E, k, group size) against a dense MLP of the
 same active compute (hidden width k*H), their ratio, the compiled peak memory and tokens/s. Results go to
 docs/benchmarks.md by hand, with the command and the machine.
+`vit`: train-step time (forward, backward, AdamW update) of ViMoE-S/14 (MoE in the last 2 blocks, N=8, top-1,
+per-image routing, one shared expert) against the dense DINOv2 ViT-S/14, images/s and compiled peak memory.
 """
 
 from __future__ import annotations
@@ -105,6 +109,42 @@ def bench_moe(args):
   return rows
 
 
+def bench_vit(args):
+  import pathlib
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+  import optax
+  from configs import vimoe_s14_in1k, vit_s14_in1k
+  from vimoe.models import build_vit, vit as vit_lib
+
+  images = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.image_size, args.image_size, 3))
+  labels = jnp.arange(args.batch) % 1000
+  print("| model | params (M) | activated (M) | step ms | ratio | images/s | peak MB |\n|---|---|---|---|---|---|---|")
+  results = {}
+  for name, module in (("dense ViT-S/14", vit_s14_in1k), ("ViMoE-S/14 L=2 N=8 k=1 +shared", vimoe_s14_in1k)):
+    config = module.get_config().model
+    config.image_size = args.image_size
+    model = build_vit(config, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+    def loss_fn(m):
+      logits, aux = m(images, deterministic=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + sum(aux["losses"].values())
+
+    @nnx.jit
+    def step(m, opt):
+      loss, grads = nnx.value_and_grad(loss_fn)(m)
+      opt.update(m, grads)
+      return loss
+
+    graphdef, state = nnx.split((model, optimizer))
+    compiled = jax.jit(lambda s: step(*nnx.merge(graphdef, s))).lower(state).compile()
+    ms = time_fn(step, model, optimizer, repeats=args.repeats)
+    results[name] = ms
+    base = next(iter(results.values()))
+    print(f"| {name} | {vit_lib.count_params(model) / 1e6:.1f} | {vit_lib.activated_params(model) / 1e6:.1f} | "
+          f"{ms:.0f} | {ms / base:.3f} | {args.batch / ms * 1e3:.1f} | {peak_memory_mb(compiled):.0f} |", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="what", required=True)
@@ -120,12 +160,18 @@ def main(argv=None):
   p.add_argument("--capacity-factor", type=float, default=1.25)
   p.add_argument("--router", default="top_k", choices=moe.ROUTERS)
   p.add_argument("--repeats", type=int, default=5)
+  p = sub.add_parser("vit", help="ViMoE-S/14 vs dense ViT-S/14 train step")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
   print(f"# {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
         f"jax {jax.__version__}, {len(jax.devices())} device(s)")
   print("# command: python " + " ".join(sys.argv))
   if args.what == "moe":
     bench_moe(args)
+  elif args.what == "vit":
+    bench_vit(args)
 
 
 if __name__ == "__main__":
