@@ -104,10 +104,11 @@ def test_unknown_config_key_is_refused_on_the_command_line(tmp_path):
   assert "num_expert" in result.stderr
 
 
-def test_evaluate_script_reproduces_final_metrics(tmp_path):
+def test_evaluate_script_reproduces_final_metrics(tmp_path, monkeypatch):
   config = tiny_config(total_steps=4, eval_every=4, checkpoint_every=4)
-  final = trainer.train_and_evaluate(config, tmp_path)
-  result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", str(tmp_path)],
+  monkeypatch.chdir(tmp_path.parent)
+  final = trainer.train_and_evaluate(config, tmp_path.name)  # a relative workdir, as in the README
+  result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--workdir", tmp_path.name],
                           capture_output=True, text=True, check=True, timeout=300)
   printed = json.loads(result.stdout[result.stdout.index("{"):])
   assert printed["step"] == 4

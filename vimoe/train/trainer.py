@@ -129,7 +129,7 @@ def evaluate(task, model, config, eval_step=None) -> dict:
 
 
 def train_and_evaluate(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative checkpoint paths
   task, model, optimizer = build(config)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main_process():
@@ -205,7 +205,7 @@ def train_and_evaluate(config, workdir) -> dict:
 def load_for_evaluation(workdir, step: int | None = None):
   """Rebuilds the model from workdir/config.json and restores a checkpoint (the latest by default)."""
   import ml_collections
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()
   config_path = workdir / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
