@@ -11,27 +11,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from vimoe import moe
 
 D, H, E = 8, 16, 4   # model dim, expert hidden dim, experts
 B, T = 2, 8          # batch, tokens per item
-
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-  """Compiles with XLA's backend optimisations off while a test runs (jax_disable_most_optimizations).
-
-  These tests compile dozens of tiny programs and run each once or twice, so on CPU compilation is nearly all of
-  their time and optimising the code does not pay; the flag cuts the suite's time by about a third. Test modules
-  use it by importing this fixture; it restores the previous setting afterwards, so other tests are unaffected.
-  """
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def randomize(layer, seed: int, router_scale: float = 1.0) -> None:

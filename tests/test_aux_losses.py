@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from layer_setup import D, E, H, build_layer, forward, random_input
-from layer_setup import fast_compile  # noqa: F401  (autouse fixture)
 from moe_reference import (expert, layer_params, moe_reference, normal_cdf, population_cv, reference_metrics,
                            softmax, softplus, top_indices)
 from vimoe import moe

@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 from layer_setup import E, build_layer, random_input
-from layer_setup import fast_compile  # noqa: F401  (autouse fixture)
 from moe_reference import layer_params, moe_reference, reference_metrics
 
 EPS64 = 1e-5

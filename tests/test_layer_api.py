@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from layer_setup import B, D, E, H, T, build_layer, forward, random_input
-from layer_setup import fast_compile  # noqa: F401  (autouse fixture)
 from moe_reference import layer_params, moe_reference, reference_metrics
 from vimoe import moe
 
@@ -252,3 +252,14 @@ def test_router_functions_compute_in_float32():
   # -||1 - 0||^2 / (2 sqrt(4)) = -4 / 4 = -1 for both prototypes.
   assert proto.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(proto), -1.0)
+
+
+def test_graphdef_is_hashable_so_plain_jax_jit_can_take_it_as_static():
+  layer = moe.MoeLayer(8, 16, 4, 2, balance_weight=0.1, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  hash(graphdef)
+  x = jnp.ones((2, 8, 8))
+  y = jax.jit(lambda g, s, x: nnx.merge(g, s)(x)[0], static_argnums=0)(graphdef, state, x)
+  np.testing.assert_allclose(y, layer(x)[0], rtol=1e-6, atol=1e-6)
+  hierarchical = moe.HierarchicalMoeLayer(8, 16, 2, 2, importance_weight=0.1, rngs=nnx.Rngs(0))
+  hash(nnx.split(hierarchical)[0])

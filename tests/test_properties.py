@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from layer_setup import E, build_layer, forward, random_input
-from layer_setup import fast_compile  # noqa: F401  (autouse fixture)
 from vimoe import moe
 
 G, S = 2, 8

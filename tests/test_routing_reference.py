@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from layer_setup import B, D, E, T, build_layer, forward, random_input
-from layer_setup import fast_compile  # noqa: F401  (autouse fixture)
 from moe_reference import capacity_of, layer_params, moe_reference, reference_metrics
 from vimoe import moe
 

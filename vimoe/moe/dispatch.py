@@ -52,12 +52,17 @@ def einsum_moe(x: jax.Array, dispatch: jax.Array, combine: jax.Array, expert_fn:
   `constrain_experts` (E over 'expert', G over 'data') turn into an all-to-all; the way back mirrors it.
   """
   G, S, E, C = dispatch.shape
-  expert_in = constrain_groups(jnp.einsum("GSEC,GSM->GECM", dispatch.astype(x.dtype), x))          # [G,E,C,M]
+  M = x.shape[-1]
+  # The contractions run with E and C merged into one slot axis X = E*C: "GSX,GSM->GXM" is a plain batched
+  # matmul, which XLA:CPU runs 1.5-2x faster than the same einsum written with separate E and C axes.
+  slots_in = jnp.einsum("GSX,GSM->GXM", dispatch.reshape(G, S, E * C).astype(x.dtype), x)          # [G,E*C,M]
+  expert_in = constrain_groups(slots_in.reshape(G, E, C, M))                                         # [G,E,C,M]
   expert_in = constrain_experts(expert_in.transpose(1, 0, 2, 3))                                     # [E,G,C,M]
-  expert_out = expert_fn(expert_in.reshape(E, G * C, -1)).reshape(E, G, C, -1)
+  expert_out = expert_fn(expert_in.reshape(E, G * C, M)).reshape(E, G, C, M)
   expert_out = constrain_experts(expert_out)
   expert_out = constrain_groups(expert_out.transpose(1, 0, 2, 3))                                    # [G,E,C,M]
-  return jnp.einsum("GSEC,GECM->GSM", combine.astype(x.dtype), expert_out)                          # [G,S,M]
+  return jnp.einsum("GSX,GXM->GSM", combine.reshape(G, S, E * C).astype(x.dtype),
+                    expert_out.reshape(G, E * C, M))                                                 # [G,S,M]
 
 
 def gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity: int,

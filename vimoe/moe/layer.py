@@ -216,8 +216,9 @@ class MoeLayer(nnx.Module):
     self.router_kind, self.capacity_factor, self.dispatch = router, capacity_factor, dispatch
     self.group_size, self.route_per, self.normalize_gates = group_size, route_per, normalize_gates
     self.batch_priority, self.causal, self.block_size = batch_priority, causal, block_size
-    self.loss_weights = {"importance": importance_weight, "load": load_weight, "balance": balance_weight,
-                         "z_loss": z_loss_weight}
+    # A tuple, not a dict: module attributes end up in the (hashable) GraphDef.
+    self.loss_weights = (("importance", importance_weight), ("load", load_weight), ("balance", balance_weight),
+                         ("z_loss", z_loss_weight))
     self.router = Router(dim, num_experts, router, slots_per_expert=slots_per_expert, rngs=rngs)
     self.experts = Experts(num_experts, dim, hidden_dim, activation=activation, rngs=rngs,
                            param_dtype=param_dtype)
@@ -342,7 +343,7 @@ class MoeLayer(nnx.Module):
     metric_of_loss = {"importance": "importance_loss", "load": "load_loss", "balance": "balance_loss",
                       "z_loss": "router_z_loss"}
     losses = {name: weight * metrics[metric_of_loss[name]]
-              for name, weight in self.loss_weights.items() if weight > 0}
+              for name, weight in self.loss_weights if weight > 0}
     return y, losses, metrics
 
 
@@ -374,7 +375,7 @@ class HierarchicalMoeLayer(nnx.Module):
     self.k_primary, self.k_secondary = k_primary, k_secondary
     self.capacity_factor, self.dispatch, self.group_size, self.block_size = (capacity_factor, dispatch,
                                                                              group_size, block_size)
-    self.loss_weights = {"importance": importance_weight, "load": load_weight}
+    self.loss_weights = (("importance", importance_weight), ("load", load_weight))
     self.router = Router(dim, num_groups, "noisy_top_k", rngs=rngs)
     self.secondary_kernel = nnx.Param(jnp.zeros((dim, num_groups, experts_per_group)))
     self.secondary_noise_kernel = nnx.Param(jnp.zeros((dim, num_groups, experts_per_group)))
@@ -422,5 +423,5 @@ class HierarchicalMoeLayer(nnx.Module):
     metrics["importance_loss"] = losses_lib.coefficient_of_variation(importance) ** 2
     metrics["load_loss"] = losses_lib.coefficient_of_variation(load) ** 2
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)
-    losses = {name: weight * metrics[f"{name}_loss"] for name, weight in self.loss_weights.items() if weight > 0}
+    losses = {name: weight * metrics[f"{name}_loss"] for name, weight in self.loss_weights if weight > 0}
     return y.reshape(B, T, D), MoeAux(losses=losses, metrics=metrics)
