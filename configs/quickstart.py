@@ -40,6 +40,9 @@ def get_config(arg=None):
       group_size=None, route_per="item", num_shared_experts=1, normalize_gates=False,
       balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
 
+  # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).
+  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, min_lr_ratio=0.01, warmup_steps=100, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=1.0,
       layer_decay=1.0))

@@ -268,7 +268,8 @@ class MoeLayer(nnx.Module):
     B, T, D = x.shape
     units, features, ids, tokens_per_unit = self._units(x, router_input, token_ids)
     mesh = sharding.current_expert_mesh()
-    if mesh is not None:  # every device routes its own groups
+    dropless = self.capacity_factor is None and self.dispatch == "gather"
+    if mesh is not None and not dropless:  # every device routes its own groups
       sharding.check_divisible(mesh, units.shape[0], self.num_experts)
       units, features = sharding.constrain_groups(units, mesh), sharding.constrain_groups(features, mesh)
     E = self.num_experts

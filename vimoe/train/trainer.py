@@ -11,6 +11,7 @@ never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vimoe import parallel
 from vimoe.parallel.distributed import is_main_process
 from vimoe.train.optim import create_optimizer, learning_rate_schedule
 from vimoe.train.tasks import get_task
@@ -107,30 +109,67 @@ def _train_state(model, optimizer):
   return {"model": nnx.state(model, _SAVED), "optimizer": nnx.state(optimizer, _SAVED)}
 
 
-def build(config):
-  """Task, model and optimizer for `config` (no data, no checkpoint)."""
+def build_mesh(config):
+  """The ('data', 'expert') mesh from config.mesh when there is more than one device, else None."""
+  if jax.device_count() == 1 or config.get("mesh") is None:
+    return None
+  moe_config = config.model.get("moe") if "model" in config else None
+  num_experts = moe_config.num_experts if moe_config is not None and moe_config.get("layers", "none") != "none" \
+      else None
+  return parallel.mesh_from_config(config.mesh, num_experts=num_experts)
+
+
+def build(config, mesh=None):
+  """Task, model and optimizer for `config` (no data, no checkpoint). With a mesh, parameters and optimizer state
+  are created sharded by the partition rules (experts on 'expert', the rest replicated)."""
   validate_config(config)
   task = get_task(config.task)
-  model = task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1, dropout=config.seed + 2))
-  optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
+  make_model = lambda: task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1,
+                                                        dropout=config.seed + 2))
+  if mesh is None:
+    model = make_model()
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
+    return task, model, optimizer
+  with jax.set_mesh(mesh):
+    model = parallel.create_sharded(make_model, mesh)
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
+    nnx.update(optimizer, parallel.shard_tree(nnx.state(optimizer), mesh))
   return task, model, optimizer
 
 
-def evaluate(task, model, config, eval_step=None) -> dict:
+def _mesh_scope(mesh):
+  """`with jax.set_mesh(mesh)` (MoE layers then shard experts), or nothing on one device."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _place(batch, mesh):
+  """This process's rows of the global batch -> global arrays split over ('data', 'expert') on the batch axis."""
+  if mesh is None:
+    return batch
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.partition_axes(mesh)))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def evaluate(task, model, config, eval_step=None, mesh=None) -> dict:
   """One pass over the evaluation split; statistics summed over batches, then summarised by the task."""
   data = task.build_data(config, config.data.eval_split, train=False, seed=config.seed,
                          batch_size=config.get("eval_batch_size", config.batch_size))
   eval_step = eval_step or nnx.jit(lambda m, b: task.eval_batch(m, b))
   sums = None
   for batch in data:
-    out = jax.device_get(eval_step(model, batch))
+    with _mesh_scope(mesh):
+      out = jax.device_get(eval_step(model, _place(batch, mesh)))
     sums = out if sums is None else jax.tree.map(np.add, sums, out)
   return task.summarize(sums)
 
 
 def train_and_evaluate(config, workdir) -> dict:
   workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative checkpoint paths
-  task, model, optimizer = build(config)
+  validate_config(config)
+  mesh = build_mesh(config)
+  task, model, optimizer = build(config, mesh)
+  if mesh is not None and is_main_process():
+    print(f"Mesh: {parallel.mesh_summary(mesh)}", flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_main_process():
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -167,8 +206,9 @@ def train_and_evaluate(config, workdir) -> dict:
   window_start, window_examples = time.perf_counter(), 0
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = next(train_iter)
-      metrics = train_step(model, optimizer, batch)
+      batch = _place(next(train_iter), mesh)
+      with _mesh_scope(mesh):
+        metrics = train_step(model, optimizer, batch)
       loss = float(metrics["train/loss"])
       if not math.isfinite(loss):
         last = manager.latest_step()
@@ -188,7 +228,7 @@ def train_and_evaluate(config, workdir) -> dict:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
                                                    data=grain.checkpoint.CheckpointSave(train_iter)))
       if step % config.eval_every == 0 or step == config.total_steps:
-        final = evaluate(task, model, config, eval_step)
+        final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
         headline = {k: round(v, 4) for k, v in final.items() if isinstance(v, float) and k.count("/") == 1}
         progress.write(f"step {step}: {headline}")
@@ -198,7 +238,7 @@ def train_and_evaluate(config, workdir) -> dict:
     manager.close()
     writer.close()
   if not final:  # resumed a finished run: evaluate the final state again
-    final = evaluate(task, model, config, eval_step)
+    final = evaluate(task, model, config, eval_step, mesh)
   return final
 
 
