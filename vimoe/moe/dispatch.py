@@ -65,23 +65,40 @@ def einsum_moe(x: jax.Array, dispatch: jax.Array, combine: jax.Array, expert_fn:
                     expert_out.reshape(G, E * C, M))                                                 # [G,S,M]
 
 
+def fill_expert_buffers(x: jax.Array, expert_index, slot, kept, num_experts: int, capacity: int):
+  """Gathers the tokens of each group into their experts' slots.
+
+  x [G,S,M]; expert_index, slot, kept [G,S,K] -> (buffers [G,E*C,M] with empty slots zero, position [G,S,K]:
+  the buffer row of each choice, E*C for dropped ones).
+  """
+  G, S, M = x.shape
+  E, C = num_experts, capacity
+  position = jnp.where(kept, expert_index * C + slot, E * C)                                        # [G,S,K]
+  token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], position.shape)
+  g = jnp.arange(G)[:, None, None]
+  slot_token = jnp.full((G, E * C), S, jnp.int32).at[g, position].set(token, mode="drop")          # [G,E*C]
+  x_padded = jnp.concatenate([x, jnp.zeros((G, 1, M), x.dtype)], axis=1)                           # row S = empty
+  return jnp.take_along_axis(x_padded, slot_token[..., None], axis=1), position
+
+
+def combine_from_buffers(expert_out: jax.Array, position: jax.Array, weight: jax.Array) -> jax.Array:
+  """expert_out [G,E*C,M], position and weight [G,S,K] -> sum_k weight * expert_out[position] [G,S,M]."""
+  G, rows, M = expert_out.shape
+  gathered = jnp.take_along_axis(expert_out, jnp.minimum(position, rows - 1).reshape(G, -1)[..., None],
+                                 axis=1).reshape(position.shape + (M,))                              # [G,S,K,M]
+  return jnp.einsum("GSK,GSKM->GSM", weight.astype(expert_out.dtype), gathered)
+
+
 def gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity: int,
                expert_fn: ExpertFn) -> jax.Array:
   """x [G,S,M] -> [G,S,M] using slot indices instead of one-hot tensors."""
   G, S, M = x.shape
   E, C = num_experts, capacity
-  # Buffer position of each (token, choice); dropped choices point past the end and are ignored.
-  position = jnp.where(assignment.kept, assignment.expert_index * C + assignment.slot, E * C)   # [G,S,K]
-  token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], position.shape)
-  g = jnp.arange(G)[:, None, None]
-  slot_token = jnp.full((G, E * C), S, jnp.int32).at[g, position].set(token, mode="drop")      # [G,E*C]
-  x_padded = jnp.concatenate([x, jnp.zeros((G, 1, M), x.dtype)], axis=1)                       # row S = empty
-  expert_in = jnp.take_along_axis(x_padded, slot_token[..., None], axis=1)                     # [G,E*C,M]
-  expert_in = expert_in.reshape(G, E, C, M).transpose(1, 0, 2, 3).reshape(E, G * C, M)
+  a = assignment
+  buffers, position = fill_expert_buffers(x, a.expert_index, a.slot, a.kept, E, C)                # [G,E*C,M]
+  expert_in = buffers.reshape(G, E, C, M).transpose(1, 0, 2, 3).reshape(E, G * C, M)
   expert_out = expert_fn(expert_in).reshape(E, G, C, M).transpose(1, 0, 2, 3).reshape(G, E * C, M)
-  gathered = jnp.take_along_axis(expert_out, jnp.minimum(position, E * C - 1).reshape(G, -1)[..., None],
-                                 axis=1).reshape(position.shape + (M,))                        # [G,S,K,M]
-  return jnp.einsum("GSK,GSKM->GSM", assignment.weight.astype(x.dtype), gathered)
+  return combine_from_buffers(expert_out, position, a.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------

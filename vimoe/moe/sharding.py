@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vimoe.moe.dispatch import combine_from_buffers, fill_expert_buffers
 from vimoe.moe.experts import stacked_expert_mlp
 from vimoe.moe.routing import Assignment
 
@@ -78,22 +79,14 @@ def sharded_gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, c
 
   def local(x, expert_index, slot, weight, kept, params):
     G, S, M = x.shape
-    position = jnp.where(kept, expert_index * C + slot, E * C)                                   # [G,S,K]
-    token = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :, None], position.shape)
-    g = jnp.arange(G)[:, None, None]
-    slot_token = jnp.full((G, E * C), S, jnp.int32).at[g, position].set(token, mode="drop")
-    x_padded = jnp.concatenate([x, jnp.zeros((G, 1, M), x.dtype)], axis=1)
-    buffers = jnp.take_along_axis(x_padded, slot_token[..., None], axis=1)                       # [G,E*C,M]
+    buffers, position = fill_expert_buffers(x, expert_index, slot, kept, E, C)                   # [G,E*C,M]
     buffers = buffers.reshape(G, E, C, M).transpose(1, 0, 2, 3)                                  # [E,G,C,M]
     buffers = jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 1, tiled=True)                         # [E_l,G*n,C,M]
     E_local, G_all = buffers.shape[:2]
     rows = buffers.reshape(E_local, G_all * C * tokens_per_unit, M // tokens_per_unit)
     out = stacked_expert_mlp(params, rows, activation).reshape(E_local, G_all, C, M)
     out = jax.lax.all_to_all(out, EXPERT_AXIS, 1, 0, tiled=True)                                 # [E,G,C,M]
-    out = out.transpose(1, 0, 2, 3).reshape(G, E * C, M)
-    gathered = jnp.take_along_axis(out, jnp.minimum(position, E * C - 1).reshape(G, -1)[..., None],
-                                   axis=1).reshape(position.shape + (M,))
-    return jnp.einsum("GSK,GSKM->GSM", weight.astype(x.dtype), gathered)
+    return combine_from_buffers(out.transpose(1, 0, 2, 3).reshape(G, E * C, M), position, weight)
 
   a = assignment
   return jax.shard_map(local, mesh=mesh, in_specs=(groups, groups, groups, groups, groups, experts_spec),
