@@ -5,7 +5,7 @@ Two checks per case:
   moe_reference.py, coordinate by coordinate, for router.kernel and experts.w_in. Every perturbed evaluation
   must route exactly like the unperturbed one (same experts, same kept choices), so the loss is smooth there.
 * A float32 directional central difference of the layer itself along a random direction, which exercises the
-  hand-written backward pass of the dropless grouped matmul (dispatch.grouped_blocks) against its own forward.
+  hand-written backward pass of the dropless overflow block loop (dispatch.overflow_blocks) against its own forward.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ CASES = {
                    weights=dict(importance_weight=0.5, balance_weight=0.3, z_loss_weight=0.01)),
     # gather at C = ceil(2*8*0.5/4) = 2: some choices are dropped and must get no gradient.
     "gather_capacity": dict(layer=dict(router="top_k", k=2, capacity_factor=0.5, dispatch="gather"), weights={}),
-    # dropless gather: the block-sorted grouped matmul with its custom VJP; blocks of 2 rows so experts span
-    # several blocks.
+    # dropless gather: balanced batched share plus the overflow block loop with its custom VJP; blocks of 2 rows so
+    # the overflow of an expert spans several blocks.
     "dropless": dict(layer=dict(router="top_k", k=2, capacity_factor=None, dispatch="gather", block_size=2,
                                 activation="swiglu"), weights={}),
     # top-1 without renormalisation: the gate is the softmax probability and must carry gradient to the router.

@@ -158,7 +158,7 @@ def run_experts(experts: Experts, units: jax.Array, assignment: routing.Assignme
     return experts(t.reshape(E, -1, D)).reshape(t.shape)
 
   if capacity is None and dispatch == "gather":
-    # Dropless: expand item decisions to their tokens, sort by expert, grouped matmul. Under a mesh the
+    # Dropless: expand item decisions to their tokens, balanced batched share + overflow blocks. Under a mesh the
     # partitioner runs it with the expert weights gathered (no expert parallelism for this path).
     index = jnp.repeat(assignment.expert_index.reshape(G * S, -1), tokens_per_unit, axis=0)
     gates = jnp.repeat(assignment.weight.reshape(G * S, -1), tokens_per_unit, axis=0)
