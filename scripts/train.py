@@ -18,12 +18,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   parallel.initialize()  # multi-host start-up; a no-op for one process
-  from vimoe.train import train_and_evaluate
+  from vimoe.train import headline, train_and_evaluate
   final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if parallel.is_main_process():
-    headline = {key: round(value, 4) for key, value in final.items()
-                if isinstance(value, float) and key.count("/") == 1}
-    print("final evaluation:", headline)
+    print("final evaluation:", headline(final))
 
 
 if __name__ == "__main__":

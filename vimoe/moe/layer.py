@@ -142,6 +142,22 @@ def _token_choice_aux(probs, logits, expert_index, gates, kept, num_experts):
   return metrics
 
 
+def is_dropless(dispatch: str, capacity_factor: float | None) -> bool:
+  """Gather dispatch without a capacity factor: the block-sorted path, with no capacity and no routing groups."""
+  return capacity_factor is None and dispatch == "gather"
+
+
+def routing_capacity(dispatch: str, capacity_factor: float | None, tokens_per_group: int, num_experts: int,
+                     k: int) -> int | None:
+  """Slots per expert per group, or None for the dropless path.
+
+  Einsum dispatch always needs a capacity: with capacity_factor=None it is S, so nothing is dropped.
+  """
+  if is_dropless(dispatch, capacity_factor):
+    return None
+  return routing.expert_capacity(tokens_per_group, num_experts, k, capacity_factor)
+
+
 def run_experts(experts: Experts, units: jax.Array, assignment: routing.Assignment, *, dispatch: str,
                 capacity: int | None, tokens_per_unit: int, block_size: int | None):
   """Send units [G,S,U*D] (U tokens per routed unit) to `experts` as `assignment` says -> [G,S,U*D].
@@ -268,8 +284,8 @@ class MoeLayer(nnx.Module):
     B, T, D = x.shape
     units, features, ids, tokens_per_unit = self._units(x, router_input, token_ids)
     mesh = sharding.current_expert_mesh()
-    dropless = self.capacity_factor is None and self.dispatch == "gather"
-    if mesh is not None and not dropless:  # every device routes its own groups
+    if mesh is not None and not is_dropless(self.dispatch, self.capacity_factor):
+      # Every device routes its own groups (the dropless path has no groups).
       sharding.check_divisible(mesh, units.shape[0], self.num_experts)
       units, features = sharding.constrain_groups(units, mesh), sharding.constrain_groups(features, mesh)
     E = self.num_experts
@@ -297,9 +313,7 @@ class MoeLayer(nnx.Module):
     kind = self.router_kind
     probs = logits = None
     extra_metrics = {}
-    capacity = None if self.capacity_factor is None else routing.expert_capacity(S, E, K, self.capacity_factor)
-    if self.capacity_factor is None and self.dispatch == "einsum":
-      capacity = routing.expert_capacity(S, E, K, None)
+    capacity = routing_capacity(self.dispatch, self.capacity_factor, S, E, K)
 
     if kind == "experts_choose":
       logits = features @ self.router.kernel[...]
@@ -407,8 +421,7 @@ class HierarchicalMoeLayer(nnx.Module):
     expert_index = (primary_index[..., None] * Bx + pick(secondary_index)).reshape(G, S, kp * ks)
     gates = (primary_gates[..., None] * pick(secondary_gates)).reshape(G, S, kp * ks)
     E = A * Bx
-    capacity = (routing.expert_capacity(S, E, kp * ks, self.capacity_factor)
-                if self.capacity_factor is not None or self.dispatch == "einsum" else None)
+    capacity = routing_capacity(self.dispatch, self.capacity_factor, S, E, kp * ks)
     assignment = routing.assign_slots(expert_index, gates, E, capacity)
     y = run_experts(self.experts, units, assignment, dispatch=self.dispatch, capacity=capacity,
                     tokens_per_unit=1, block_size=self.block_size)

@@ -230,8 +230,7 @@ def train_and_evaluate(config, workdir) -> dict:
       if step % config.eval_every == 0 or step == config.total_steps:
         final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
-        headline = {k: round(v, 4) for k, v in final.items() if isinstance(v, float) and k.count("/") == 1}
-        progress.write(f"step {step}: {headline}")
+        progress.write(f"step {step}: {headline(final)}")
   finally:
     progress.close()
     manager.wait_until_finished()
@@ -240,6 +239,12 @@ def train_and_evaluate(config, workdir) -> dict:
   if not final:  # resumed a finished run: evaluate the final state again
     final = evaluate(task, model, config, eval_step, mesh)
   return final
+
+
+def headline(metrics: dict) -> dict:
+  """The top-level scalar metrics ('eval/top1', 'eval/loss', ...), rounded for printing."""
+  return {key: round(value, 4) for key, value in metrics.items()
+          if isinstance(value, float) and key.count("/") == 1}
 
 
 def load_for_evaluation(workdir, step: int | None = None):
