@@ -11,6 +11,8 @@ A task is a small object with
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,10 +94,16 @@ class Classification:
     return out
 
 
-TASKS = {"classification": Classification}
+# config.task -> "module:Class". Imported on use, so a task's dependencies load only when it is trained.
+TASKS = {
+    "classification": "vimoe.train.tasks:Classification",
+    "segmentation": "vimoe.train.segmentation:Segmentation",
+    "language_model": "vimoe.train.language:LanguageModeling",
+}
 
 
 def get_task(name: str):
   if name not in TASKS:
-    raise ValueError(f"task={name!r} is not known; valid: {', '.join(TASKS)}")
-  return TASKS[name]()
+    raise ValueError(f"config.task={name!r} is not known; valid: {', '.join(TASKS)}")
+  module_name, class_name = TASKS[name].split(":")
+  return getattr(importlib.import_module(module_name), class_name)()
