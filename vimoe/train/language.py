@@ -1,0 +1,127 @@
+"""Language modelling: the task the one trainer runs for config.task="language_model" (see vimoe/train/tasks.py).
+
+Models (config.model.name): "transformer" | "umoe" -> `vimoe.models.lm.build_lm`, "lstm_moe" ->
+`vimoe.models.lstm.build_lstm_lm`. Every model is called as
+
+    logits, aux = model(tokens, deterministic=...)   # tokens int32 [B, T] -> logits float32 [B, T, V]
+    aux = {"losses": {name: weighted aux loss}, "metrics": {"block{i}": MoE metrics of block i}}
+
+Data: vimoe.data.text batches {"inputs", "targets", "mask"} [B, T]; only tokens with mask 1 count.
+
+Training loss: mean next-token cross-entropy over the mask-1 tokens (with config.label_smoothing, usually 0) plus
+the model's auxiliary losses. Evaluation sums the negative log-likelihood and the token count over all batches:
+  eval/loss            nats per token = sum NLL / tokens
+  eval/ppl             exp(eval/loss)
+  eval/bits_per_token  eval/loss / ln 2 (bits per byte with the byte tokenizer)
+  eval/accuracy        next-token top-1 accuracy
+  eval/tokens          tokens evaluated
+  eval/block{i}/{expert_load, importance_cv, load_cv, max_mean_load, smooth_load_cv, dropped_fraction}
+                       routing statistics of MoE block i, averaged over evaluation batches weighted by their
+                       tokens (per-batch CVs, as Shazeer et al. 2017 table 6 reports them per batch)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vimoe.train.tasks import moe_summary
+
+MODEL_NAMES = ("transformer", "umoe", "lstm_moe")
+# Routing statistics that are averaged (token-weighted) over evaluation batches.
+EVAL_ROUTING_METRICS = ("expert_load", "importance_cv", "load_cv", "max_mean_load", "smooth_load_cv",
+                        "dropped_fraction")
+TRAIN_ROUTING_METRICS = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction")
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-token cross-entropy in nats: logits [B, T, V] float, targets [B, T] int -> [B, T] float32."""
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, labels)
+
+
+class LanguageModeling:
+  """Next-token prediction on text: cross-entropy training, perplexity and routing statistics in evaluation."""
+
+  def build_model(self, config, rngs):
+    name = config.model.get("name")
+    if name in ("transformer", "umoe"):
+      from vimoe.models.lm import build_lm  # pylint: disable=import-outside-toplevel
+      model = build_lm(config.model, rngs=rngs)
+    elif name == "lstm_moe":
+      from vimoe.models.lstm import build_lstm_lm  # pylint: disable=import-outside-toplevel
+      model = build_lstm_lm(config.model, rngs=rngs)
+    else:
+      raise ValueError(f"config.model.name={name!r} is not a language model; valid: {', '.join(MODEL_NAMES)}")
+    self._check_vocab(config)
+    return model
+
+  @staticmethod
+  def _check_vocab(config) -> None:
+    from vimoe.data.text import vocab_size  # pylint: disable=import-outside-toplevel
+    model_vocab, data_vocab = config.model.get("vocab_size"), vocab_size(config.data)
+    if model_vocab is not None and model_vocab < data_vocab:
+      raise ValueError(f"config.model.vocab_size={model_vocab} is smaller than the {data_vocab} tokens of "
+                       f"config.data.tokenizer={config.data.get('tokenizer', 'bytes')!r}; set it to >= {data_vocab}")
+
+  def load_pretrained(self, model, config):
+    del model
+    raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r}: the language_model task has no "
+                     "pretrained weights to import; remove config.init.checkpoint (training starts from scratch)")
+
+  def build_data(self, config, split, *, train, seed, batch_size):
+    from vimoe.data.text import build_text_dataset  # pylint: disable=import-outside-toplevel
+    return build_text_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)
+
+  def depth(self, model):
+    """Blocks for layer-wise learning-rate decay (parameters under `blocks/i`, vimoe/train/optim.py)."""
+    return len(model.blocks)
+
+  def loss(self, model, batch, config):
+    logits, aux = model(batch["inputs"], deterministic=False)               # [B, T, V]
+    mask = batch["mask"].astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    nll = token_cross_entropy(logits, batch["targets"], config.label_smoothing)  # [B, T]
+    task_loss = jnp.sum(nll * mask) / tokens
+    aux_losses = aux.get("losses", {})
+    total = task_loss + sum(aux_losses.values())
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    metrics = {"train/loss": total, "train/task_loss": task_loss,
+               "train/accuracy": jnp.sum(correct * mask) / tokens}
+    metrics.update({f"train/aux/{name}": value for name, value in aux_losses.items()})
+    for key, value in moe_summary(aux, "train").items():
+      if key.split("/")[-1] in TRAIN_ROUTING_METRICS:
+        metrics[key] = value
+    return total, metrics
+
+  def eval_batch(self, model, batch):
+    """Sums over the mask-1 tokens of a batch (evaluation batches are padded with mask 0)."""
+    logits, aux = model(batch["inputs"], deterministic=True)
+    mask = batch["mask"].astype(jnp.float32)
+    nll = token_cross_entropy(logits, batch["targets"])
+    sums = {"tokens": jnp.sum(mask), "nll_sum": jnp.sum(nll * mask),
+            "correct": jnp.sum(mask * (jnp.argmax(logits, -1) == batch["targets"]))}
+    # Routing statistics of the batch (padding included), weighted by its real tokens so that the sum over
+    # batches becomes a token-weighted average.
+    for key, value in moe_summary(aux, "moe").items():
+      if key.split("/")[-1] in EVAL_ROUTING_METRICS:
+        sums[key] = value * sums["tokens"]
+    return sums
+
+  def summarize(self, sums):
+    tokens = max(float(sums["tokens"]), 1.0)
+    loss = float(sums["nll_sum"]) / tokens
+    out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 700.0)), "eval/bits_per_token": loss / math.log(2),
+           "eval/accuracy": float(sums["correct"]) / tokens, "eval/tokens": float(sums["tokens"])}
+    for key, value in sums.items():
+      if key.startswith("moe/"):
+        value = np.asarray(value) / tokens
+        out["eval/" + key[len("moe/"):]] = value.tolist() if value.ndim else float(value)
+    return out
