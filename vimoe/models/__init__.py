@@ -1,4 +1,4 @@
-"""Models: ViT / ViMoE (vit.py).
+"""Models: ViT / ViMoE (vit.py), decoder LMs: Transformer with MoE FFNs and UMoE (lm.py).
 
     from vimoe.models import build_vit
     model = build_vit(config.model, rngs=nnx.Rngs(0))
@@ -8,8 +8,10 @@
 from vimoe.models.vit import (VARIANTS, MoeConfig, ViT, ViTConfig, activated_params, assign_params,
                               bicubic_resize_matrix, build_vit, count_params, flat_params, moe_blocks,
                               parse_moe_layers, resize_position_grid, vit_config)
+from vimoe.models.lm import LanguageModel, LMConfig, build_lm, generate, lm_config
 
 __all__ = [
+    "LMConfig", "LanguageModel", "build_lm", "generate", "lm_config",
     "VARIANTS", "MoeConfig", "ViT", "ViTConfig", "activated_params", "assign_params", "bicubic_resize_matrix",
     "build_vit", "count_params", "flat_params", "moe_blocks", "parse_moe_layers", "resize_position_grid",
     "vit_config",
