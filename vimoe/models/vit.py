@@ -437,17 +437,21 @@ class Block(nnx.Module):
       branch = self.drop_path(branch, deterministic=deterministic)
     return branch
 
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> tuple[jax.Array, moe.MoeAux | None]:
+  def __call__(self, x: jax.Array, *, deterministic: bool, return_routing: bool = False):
+    """x [B, T, D] -> (x, MoeAux or None), plus the first-choice experts ([B, T] or [B]) if return_routing."""
     x = x + self._residual(self.attn(self.norm1(x)), self.ls1, deterministic)
     hidden = self.norm2(x)  # [B, T, D]
-    aux = None
+    aux = choice = None
     if self.is_moe:
       # ViMoE classification: one routing decision per image, on the class token's features [B, D].
       router_input = hidden[:, 0] if self.route_per == "item" else None
+      if return_routing:
+        choice = self.mlp.first_choice(hidden, router_input=router_input)
       hidden, aux = self.mlp(hidden, router_input=router_input, deterministic=deterministic)
     else:
       hidden = self.mlp(hidden)
-    return x + self._residual(hidden, self.ls2, deterministic), aux
+    x = x + self._residual(hidden, self.ls2, deterministic)
+    return (x, aux, choice) if return_routing else (x, aux)
 
 
 class ViT(nnx.Module):
@@ -484,8 +488,15 @@ class ViT(nnx.Module):
                                 offset=self.config.posemb_interpolation_offset)  # [h, w, D]
     return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)
 
-  def encode(self, images: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
-    """images [B, H, W, 3] -> (final-norm tokens [B, 1 + R + N, D], aux)."""
+  def encode(self, images: jax.Array, *, deterministic: bool = True, return_layers: Sequence[int] = (),
+             return_routing: bool = False) -> tuple[jax.Array, dict]:
+    """images [B, H, W, 3] -> (final-norm tokens [B, 1 + R + N, D], aux).
+
+    return_layers: block indices whose outputs, passed through the final norm (DINOv2's
+      `get_intermediate_layers(norm=True)`), are returned in aux["layers"] (a list, same order).
+    return_routing: aux["routing"]["block{i}"] = first-choice expert of every token [B, T] (route_per="token") or
+      image [B] (route_per="item") in each MoE block; T counts the class token and registers first.
+    """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images have shape {images.shape}; expected [batch, height, width, 3] (NHWC)")
     p = self.config.patch_size
@@ -499,14 +510,30 @@ class ViT(nnx.Module):
     if self.register_tokens is not None:  # registers carry no position (Darcet et al. 2024)
       registers = jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (B,) + self.register_tokens.shape[1:])
       x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)                # [B, 1 + R + N, D]
-    losses, metrics = {}, {}
+    depth = len(self.blocks)
+    wanted = [index % depth if -depth <= index < depth else index for index in return_layers]
+    if any(not 0 <= index < depth for index in wanted):
+      raise ValueError(f"return_layers={tuple(return_layers)} must be block indices in [-{depth}, {depth - 1}]")
+    losses, metrics, routing_choice, outputs = {}, {}, {}, {}
     for index, block in enumerate(self.blocks):
-      x, block_aux = block(x, deterministic=deterministic)
+      if return_routing:
+        x, block_aux, choice = block(x, deterministic=deterministic, return_routing=True)
+        if choice is not None:
+          routing_choice[f"block{index}"] = choice
+      else:
+        x, block_aux = block(x, deterministic=deterministic)
       if block_aux is not None:
         metrics[f"block{index}"] = block_aux.metrics
         for name, value in block_aux.losses.items():
           losses[name] = losses.get(name, 0.0) + value
-    return self.norm(x), {"losses": losses, "metrics": metrics}
+      if index in wanted:
+        outputs[index] = x
+    aux = {"losses": losses, "metrics": metrics}
+    if wanted:
+      aux["layers"] = [self.norm(outputs[index]) for index in wanted]
+    if return_routing:
+      aux["routing"] = routing_choice
+    return self.norm(x), aux
 
   def features(self, images: jax.Array, *, deterministic: bool = True) -> jax.Array:
     """Final-norm token features [B, 1 + R + N, D]: class token, registers, patch tokens (row-major grid)."""

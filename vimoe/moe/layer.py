@@ -307,6 +307,32 @@ class MoeLayer(nnx.Module):
       y = y + self.shared.apply_all(x)
     return y, MoeAux(losses=losses, metrics=metrics)
 
+  def first_choice(self, x: jax.Array, *, router_input: jax.Array | None = None,
+                   token_ids: jax.Array | None = None) -> jax.Array:
+    """The expert each routing unit ranks first, without running the experts (routing analysis, expert maps).
+
+    x [B,T,D] -> int32 [B,T] for route_per="token", [B] for route_per="item". Noisy top-k is read without noise
+    (as in evaluation); experts-choose reports the expert with the highest gate for the token. Soft routing has
+    no first choice (every slot mixes all tokens) and raises.
+    """
+    if self.router_kind == "soft":
+      raise ValueError("router='soft' has no first-choice expert: every slot is a mixture of all tokens")
+    B, T, D = x.shape
+    if self.route_per == "item":
+      features = (jnp.mean(x.astype(jnp.float32), axis=1) if router_input is None
+                  else router_input.astype(jnp.float32))[None]                   # [1,B,D]
+    else:
+      features = x.astype(jnp.float32)                                           # [B,T,D]
+    if self.router_kind == "hash":
+      if token_ids is None:
+        raise ValueError("router='hash' needs token_ids [batch, tokens]")
+      return routing.hash_expert_index(token_ids, self.num_experts)[..., 0]
+    kernel = self.router.kernel[...]
+    logits = (routing.prototype_logits(features, kernel) if self.router_kind == "prototype"
+              else features @ kernel)                                            # [., ., E]
+    choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return choice[0] if self.route_per == "item" else choice
+
   def _routed(self, units, features, ids, tokens_per_unit, deterministic):
     G, S, _ = units.shape
     E, K = self.num_experts, self.k

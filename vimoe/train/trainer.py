@@ -126,13 +126,15 @@ def build(config, mesh=None):
   task = get_task(config.task)
   make_model = lambda: task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1,
                                                         dropout=config.seed + 2))
+  # What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone).
+  trainable = task.trainable(config) if hasattr(task, "trainable") else nnx.Param
   if mesh is None:
     model = make_model()
-    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
     return task, model, optimizer
   with jax.set_mesh(mesh):
     model = parallel.create_sharded(make_model, mesh)
-    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
     nnx.update(optimizer, parallel.shard_tree(nnx.state(optimizer), mesh))
   return task, model, optimizer
 
@@ -192,7 +194,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
   @nnx.jit
   def train_step(model, optimizer, batch):
-    grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config), has_aux=True)
+    grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config), argnums=nnx.DiffState(0, optimizer.wrt),
+                                 has_aux=True)
     (_, metrics), grads = grad_fn(model)
     optimizer.update(model, grads)
     return metrics
@@ -231,6 +234,8 @@ def train_and_evaluate(config, workdir) -> dict:
         final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
         progress.write(f"step {step}: {headline(final)}")
+        if hasattr(task, "after_evaluation") and is_main_process():  # per-class tables, pictures
+          task.after_evaluation(model, config, workdir, step, final)
   finally:
     progress.close()
     manager.wait_until_finished()

@@ -1,0 +1,1 @@
+"""Routing analysis and pictures: expert maps for segmentation (expert_maps.py)."""
