@@ -54,3 +54,27 @@ def test_trainer_shards_experts_and_resumes_on_the_mesh(tmp_path):
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert max(steps) == 12 and steps.count(8) == 2  # step 8: one train line and one eval line
 
+
+
+def test_segmentation_confusion_is_summed_over_devices_and_batch_of_one_is_replicated():
+  """mIoU's confusion matrix from a batch split over 8 devices equals the one-device matrix, and a batch of one
+  image (ADE20K evaluation) is evaluated replicated on the mesh."""
+  from configs.seg_quickstart import get_config as seg_config
+  config = seg_config()
+  config.model.update(dim=32, depth=2, num_heads=2, mlp_dim=64, image_size=36)
+  config.data.update(canvas_size=36, digit_size=12, crop_size=36, num_eval_canvases=8)
+  config.mesh.update(data=2, expert=4)
+  mesh = trainer.build_mesh(config)
+  task, model, _ = trainer.build(config, mesh)
+  batch = next(iter(task.build_data(config, "test", train=False, seed=0, batch_size=8)))
+  eval_step = nnx.jit(lambda m, b: task.eval_batch(m, b))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_get(eval_step(model, trainer._place(batch, mesh)))
+    one_image = {key: value[:1] for key, value in batch.items()}
+    replicated = jax.device_get(eval_step(model, trainer._place(one_image, mesh)))
+  single_model = nnx.merge(*nnx.split(jax.device_get(model)))
+  single = jax.device_get(eval_step(single_model, batch))
+  single_one = jax.device_get(eval_step(single_model, one_image))
+  np.testing.assert_array_equal(sharded["confusion"], single["confusion"])
+  assert sharded["confusion"].sum() == np.sum(batch["label"] >= 0)
+  np.testing.assert_array_equal(replicated["confusion"], single_one["confusion"])

@@ -148,7 +148,18 @@ def _place(batch, mesh):
   """This process's rows of the global batch -> global arrays split over ('data', 'expert') on the batch axis."""
   if mesh is None:
     return batch
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.partition_axes(mesh)))
+  axes = parallel.partition_axes(mesh)
+  spec = jax.sharding.PartitionSpec(axes)
+  rows = len(jax.tree.leaves(batch)[0])
+  shards = math.prod(mesh.shape[axis] for axis in axes)
+  if (rows * jax.process_count()) % shards:
+    # E.g. ADE20K evaluation: one image of its own size per step. One process: every device gets the whole
+    # batch (replicated). Several processes would each hold another image, which cannot be replicated.
+    if jax.process_count() > 1:
+      raise ValueError(f"a batch of {rows} rows per process cannot be split over the {shards} devices of the "
+                       f"mesh's batch axes {axes}; use a batch size divisible by {shards}")
+    spec = jax.sharding.PartitionSpec()
+  sharding = jax.sharding.NamedSharding(mesh, spec)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
