@@ -123,7 +123,7 @@ def test_training_iterator_resumes_from_saved_state():
 def test_lm1b_on_mock_data_packs_sentences_and_resumes():
   config = {"name": "lm1b", "seq_len": 16}
   with tfds.testing.mock_data(num_examples=12):
-    sentences = [text._text_of(example) for example in text.open_lm1b("train", None)]  # pylint: disable=protected-access
+    sentences = [str(example["text"]) for example in text.open_lm1b("train", None)]
     ds = text.build_text_dataset(config, "train", batch_size=2, seed=0, train=True, process_index=0,
                                  process_count=1)
     it = iter(ds)

@@ -1,0 +1,302 @@
+"""Shazeer et al. 2017's LSTM language model with a sparsely-gated MoE between two LSTM layers (arXiv 1701.06538).
+
+Layout, as in the paper's appendix C.1 ("8-million-operations-per-timestep models"): five layers,
+
+    word embedding -> LSTM -> MoE -> LSTM -> softmax
+
+with one width D for the embedding, the LSTM units and the MoE input/output (512 in the paper). "For every layer
+other than the softmax, we apply dropout to the layer output ... After dropout, the output of the previous layer is
+added to the layer output", and "the output of the MoE layer is passed through a sigmoid function before dropout":
+
+    h0 = dropout(embed(tokens))                          [B, T, D]
+    h1 = h0 + dropout(LSTM_1(h0))                        [B, T, D]
+    h2 = h1 + dropout(sigmoid(MoE(h1)))                  [B, T, D]   MoE on all B*T time steps at once
+    h3 = h2 + dropout(LSTM_2(h2))                        [B, T, D]
+    logits = h3 W_softmax + b                            [B, T, V]
+
+The MoE (appendix C.1, section 2.1): experts are ReLU MLPs D -> hidden_dim -> D (512 -> 1024 -> 512, 1M parameters
+each); noisy top-k gating (eqs. 3-5) with k=4 for a flat MoE (MoE-4/32/256), or a hierarchical MoE (appendix B)
+with a primary gate over `num_groups` groups and secondary gates inside each, k=2 at each level (MoE-256-h,
+MoE-1024-h, MoE-4096-h: 16 groups). Balance losses: importance (eqs. 6-7) and load (eqs. 8-11), both weighted 0.1
+in the paper. The MoE is `vimoe.moe.MoeLayer(router="noisy_top_k", causal=True, activation="relu")` or
+`vimoe.moe.HierarchicalMoeLayer`; its gate weights start at zero (appendix A, "Initial Load Imbalance").
+
+Not reproduced: the paper's importance-sampled softmax over an 800k-word vocabulary (ours is a full softmax over a
+small byte or SentencePiece vocabulary), the output-projected LSTMs of the larger C.2 models, and the paper's
+batches of ~300k words. Each sequence starts from a zero LSTM state (training windows are independent).
+
+The LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000) is written out with
+`jax.lax.scan`: gates z = x W_x + h W_h + b split as (i, f, g, o);
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g),    h_t = sigmoid(o) * tanh(c_t).
+The forget-gate bias starts at `forget_bias` (1.0, Jozefowicz et al. 2015) and is trained.
+
+Parameters: `embed.embedding` [V, D]; `blocks[0]` and `blocks[2]` are `LstmBlock`s (`lstm.input_kernel` [D, 4D],
+`lstm.recurrent_kernel` [D, 4D], `lstm.bias` [4D]); `blocks[1]` is the `MoeBlock` (`moe`: the MoE layer);
+`head.kernel` [D, V], `head.bias` [V]. Layer-wise lr decay counts the three blocks (vimoe/train/optim.py).
+
+Call: `logits, aux = model(tokens, deterministic=...)` with tokens int32 [B, T]; logits float32 [B, T, V];
+aux = {"losses": {"importance": ..., "load": ...} (weighted, only non-zero weights),
+       "metrics": {"block1": metrics of the MoE layer}} -- the key is the MoE's index in `model.blocks`.
+
+Model config keys (`build_lstm_lm(config)`; config an ml_collections.ConfigDict or a dict; unknown keys refused):
+  name          "lstm_moe" (lets the task pick the model family)
+  vocab_size    V, softmax outputs (>= the tokenizer's vocabulary). Default 256 (bytes).
+  dim           D: embedding, LSTM units, MoE input and output. Default 512.
+  dropout       DropProb after every layer but the softmax. Default 0.1 (MoE-256; 0.2 for MoE-1024-h/4096-h).
+  forget_bias   initial forget-gate bias. Default 1.0.
+  moe           sub-config:
+    type              "flat" (default) | "hierarchical"
+    hidden_dim        expert hidden layer. Default 1024.
+    num_experts, k    flat: experts and experts per token. Defaults 256, 4.
+    num_groups, experts_per_group, k_primary, k_secondary
+                      hierarchical: a groups of b experts, k at each level. Defaults 16, 256, 2, 2 (MoE-4096-h).
+    importance_weight, load_weight   w_importance, w_load. Defaults 0.1, 0.1.
+    capacity_factor   None (default: no token is dropped), or a factor (vimoe.moe.MoeLayer) only with one expert
+                      per token: with more, capacity priority (all first choices first) would not be causal.
+    dispatch          "gather" (default) | "einsum".
+    group_size        tokens per routing group; None (default) = one group per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vimoe import moe as moe_lib
+
+MOE_TYPES = ("flat", "hierarchical")
+_MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class LstmMoeConfig:
+  """Resolved sizes of the LSTM-MoE language model (keys in the module docstring)."""
+  vocab_size: int = 256
+  dim: int = 512
+  dropout: float = 0.1
+  forget_bias: float = 1.0
+  moe_type: str = "flat"
+  hidden_dim: int = 1024
+  num_experts: int = 256
+  k: int = 4
+  num_groups: int = 16
+  experts_per_group: int = 256
+  k_primary: int = 2
+  k_secondary: int = 2
+  importance_weight: float = 0.1
+  load_weight: float = 0.1
+  capacity_factor: float | None = None
+  dispatch: str = "gather"
+  group_size: int | None = None
+
+  @property
+  def total_experts(self) -> int:
+    return self.num_experts if self.moe_type == "flat" else self.num_groups * self.experts_per_group
+
+  @property
+  def experts_per_token(self) -> int:
+    return self.k if self.moe_type == "flat" else self.k_primary * self.k_secondary
+
+
+_MOE_KEYS = {"type": "moe_type", "hidden_dim": "hidden_dim", "num_experts": "num_experts", "k": "k",
+             "num_groups": "num_groups", "experts_per_group": "experts_per_group", "k_primary": "k_primary",
+             "k_secondary": "k_secondary", "importance_weight": "importance_weight",
+             "load_weight": "load_weight", "capacity_factor": "capacity_factor", "dispatch": "dispatch",
+             "group_size": "group_size"}
+# Values that may legitimately be None (None means "use the default" for every other key).
+_NONE_ALLOWED = ("capacity_factor", "group_size")
+
+
+def _as_dict(config) -> dict[str, Any]:
+  if config is None:
+    return {}
+  return {key: config[key] for key in config.keys()}
+
+
+def lstm_config(config) -> LstmMoeConfig:
+  """Validates a model config (ConfigDict or dict) and resolves the defaults."""
+  values = _as_dict(config)
+  unknown = [key for key in values if key not in _MODEL_KEYS]
+  if unknown:
+    raise ValueError(f"config.model key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(_MODEL_KEYS)}")
+  if values.get("name", "lstm_moe") not in ("lstm_moe", None):
+    raise ValueError(f"config.model.name={values['name']!r}: build_lstm_lm builds name='lstm_moe'")
+  moe_values = _as_dict(values.get("moe"))
+  unknown = [key for key in moe_values if key not in _MOE_KEYS]
+  if unknown:
+    raise ValueError(f"config.model.moe key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(_MOE_KEYS)}")
+  fields = {key: values[key] for key in ("vocab_size", "dim", "dropout", "forget_bias")
+            if values.get(key) is not None}
+  for key, field in _MOE_KEYS.items():
+    if key in moe_values and (moe_values[key] is not None or key in _NONE_ALLOWED):
+      fields[field] = moe_values[key]
+  resolved = LstmMoeConfig(**fields)
+  for key in ("vocab_size", "dim", "hidden_dim"):
+    value = getattr(resolved, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      prefix = "moe." if key == "hidden_dim" else ""
+      raise ValueError(f"config.model.{prefix}{key}={value!r} must be a positive integer")
+  if not 0 <= resolved.dropout < 1:
+    raise ValueError(f"config.model.dropout={resolved.dropout!r} must be in [0, 1)")
+  if resolved.moe_type not in MOE_TYPES:
+    raise ValueError(f"config.model.moe.type={resolved.moe_type!r} is unknown; valid: {', '.join(MOE_TYPES)}")
+  if resolved.moe_type == "flat":
+    if not 1 <= resolved.k <= resolved.num_experts:
+      raise ValueError(f"config.model.moe.k={resolved.k!r} must be in [1, num_experts={resolved.num_experts}]")
+  else:
+    if not 1 <= resolved.k_primary <= resolved.num_groups:
+      raise ValueError(f"config.model.moe.k_primary={resolved.k_primary!r} must be in "
+                       f"[1, num_groups={resolved.num_groups}]")
+    if not 1 <= resolved.k_secondary <= resolved.experts_per_group:
+      raise ValueError(f"config.model.moe.k_secondary={resolved.k_secondary!r} must be in "
+                       f"[1, experts_per_group={resolved.experts_per_group}]")
+  if resolved.capacity_factor is not None and resolved.experts_per_token > 1:
+    # Token-choice capacity serves every first choice of the group before any second choice, so a later token's
+    # first choice can push out an earlier token's second choice: the earlier output would depend on the future.
+    raise ValueError(f"config.model.moe.capacity_factor={resolved.capacity_factor!r} with "
+                     f"{resolved.experts_per_token} experts per token: in a language model a capacity would let "
+                     "later tokens drop earlier tokens' second choices (not causal); use capacity_factor=None "
+                     "(no token is dropped) or one expert per token")
+  return resolved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LSTM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lstm_scan(input_projection: jax.Array, recurrent_kernel: jax.Array) -> jax.Array:
+  """Runs the LSTM recurrence from a zero state.
+
+  input_projection [B, T, 4H] = x W_x + b (computed for all steps at once); recurrent_kernel [H, 4H], gates in the
+  order (i, f, g, o). Returns the hidden states h [B, T, H].
+  """
+  B, _, four_h = input_projection.shape
+  H = four_h // 4
+
+  def step(carry, projected):                  # projected [B, 4H]: one time step
+    cell, hidden = carry
+    z = projected + hidden @ recurrent_kernel   # [B, 4H]
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+    hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+    return (cell, hidden), hidden
+
+  zeros = jnp.zeros((B, H), input_projection.dtype)
+  _, hiddens = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(input_projection, 0, 1))  # [T, B, H]
+  return jnp.swapaxes(hiddens, 0, 1)
+
+
+class LSTM(nnx.Module):
+  """One LSTM layer over a whole sequence: x [B, T, D] -> h [B, T, H]."""
+
+  def __init__(self, in_dim: int, hidden_dim: int, *, forget_bias: float = 1.0, rngs: nnx.Rngs):
+    H = hidden_dim
+    self.input_kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (in_dim, 4 * H)))
+    # One orthogonal [H, H] block per gate keeps the recurrence well conditioned at the start.
+    blocks = [nnx.initializers.orthogonal()(rngs.params(), (H, H)) for _ in range(4)]
+    self.recurrent_kernel = nnx.Param(jnp.concatenate(blocks, axis=1))
+    self.bias = nnx.Param(jnp.zeros((4 * H,)).at[H:2 * H].set(forget_bias))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    projected = x @ self.input_kernel[...] + self.bias[...]          # [B, T, 4H]: every step at once
+    return lstm_scan(projected, self.recurrent_kernel[...])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks and model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dropout(rate: float, rngs: nnx.Rngs):
+  return nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
+
+
+def _apply_dropout(dropout, x, deterministic: bool):
+  return x if dropout is None else dropout(x, deterministic=deterministic)
+
+
+class LstmBlock(nnx.Module):
+  """x + dropout(LSTM(x))."""
+
+  def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
+    self.lstm = LSTM(config.dim, config.dim, forget_bias=config.forget_bias, rngs=rngs)
+    self.dropout = _dropout(config.dropout, rngs)
+
+  def __call__(self, x, *, deterministic: bool):
+    return x + _apply_dropout(self.dropout, self.lstm(x), deterministic), None
+
+
+def build_moe_layer(config: LstmMoeConfig, *, rngs: nnx.Rngs):
+  """The paper's MoE: ReLU experts D -> hidden_dim -> D, noisy top-k gating, flat or hierarchical."""
+  common = dict(capacity_factor=config.capacity_factor, dispatch=config.dispatch, group_size=config.group_size,
+                activation="relu", importance_weight=config.importance_weight, load_weight=config.load_weight,
+                rngs=rngs)
+  if config.moe_type == "flat":
+    return moe_lib.MoeLayer(config.dim, config.hidden_dim, config.num_experts, config.k, router="noisy_top_k",
+                            causal=True, **common)
+  return moe_lib.HierarchicalMoeLayer(config.dim, config.hidden_dim, config.num_groups, config.experts_per_group,
+                                      k_primary=config.k_primary, k_secondary=config.k_secondary, **common)
+
+
+class MoeBlock(nnx.Module):
+  """x + dropout(sigmoid(MoE(x))), the MoE applied to every time step of every sequence at once."""
+
+  def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
+    self.moe = build_moe_layer(config, rngs=rngs)
+    self.dropout = _dropout(config.dropout, rngs)
+
+  def __call__(self, x, *, deterministic: bool):
+    y, aux = self.moe(x, deterministic=deterministic)                    # [B, T, D]
+    return x + _apply_dropout(self.dropout, jax.nn.sigmoid(y), deterministic), aux
+
+
+class LstmMoeLM(nnx.Module):
+  """embedding -> LSTM -> MoE -> LSTM -> softmax, residual connections around the three middle layers."""
+
+  def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
+    self.embed_dropout = _dropout(config.dropout, rngs)
+    self.blocks = nnx.List([LstmBlock(config, rngs=rngs), MoeBlock(config, rngs=rngs), LstmBlock(config, rngs=rngs)])
+    self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+    """tokens int32 [B, T] -> (logits float32 [B, T, V], aux). deterministic=False when training (dropout, router
+    noise)."""
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, time] integer ids")
+    x = _apply_dropout(self.embed_dropout, self.embed(tokens), deterministic)   # [B, T, D]
+    losses, metrics = {}, {}
+    for index, block in enumerate(self.blocks):
+      x, block_aux = block(x, deterministic=deterministic)
+      if block_aux is not None:
+        metrics[f"block{index}"] = block_aux.metrics
+        for name, value in block_aux.losses.items():
+          losses[name] = losses.get(name, 0.0) + value
+    logits = self.head(x)                                                        # [B, T, V]
+    return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}
+
+
+def build_lstm_lm(config, *, rngs: nnx.Rngs | None = None) -> LstmMoeLM:
+  """Builds the LSTM-MoE language model from a model config (keys in the module docstring); validates it first."""
+  return LstmMoeLM(lstm_config(config), rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of parameters (works on an `nnx.eval_shape` model too)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def activated_params(model: LstmMoeLM) -> int:
+  """Parameters used per token: every expert counts only for the k (flat) or k_primary * k_secondary
+  (hierarchical) experts a token visits; embedding rows count in full (as the total, not per token)."""
+  config = model.config
+  experts = model.blocks[1].moe.experts
+  per_expert = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(nnx.state(experts, nnx.Param)))
+  return count_params(model) - (config.total_experts - config.experts_per_token) * per_expert
