@@ -52,15 +52,15 @@ class LanguageModeling:
 
   def build_model(self, config, rngs):
     name = config.model.get("name")
+    if name not in MODEL_NAMES:
+      raise ValueError(f"config.model.name={name!r} is not a language model; valid: {', '.join(MODEL_NAMES)}")
+    self._check_vocab(config)
     if name in ("transformer", "umoe"):
       from vimoe.models.lm import build_lm  # pylint: disable=import-outside-toplevel
       model = build_lm(config.model, rngs=rngs)
     elif name == "lstm_moe":
       from vimoe.models.lstm import build_lstm_lm  # pylint: disable=import-outside-toplevel
       model = build_lstm_lm(config.model, rngs=rngs)
-    else:
-      raise ValueError(f"config.model.name={name!r} is not a language model; valid: {', '.join(MODEL_NAMES)}")
-    self._check_vocab(config)
     return model
 
   @staticmethod
