@@ -1,4 +1,5 @@
-"""Models: ViT / ViMoE (vit.py), decoder LMs: Transformer with MoE FFNs and UMoE (lm.py).
+"""Models: ViT / ViMoE (vit.py), decoder LMs: Transformer with MoE FFNs and UMoE (lm.py), Shazeer et al. 2017's
+LSTM-MoE language model (lstm.py).
 
     from vimoe.models import build_vit
     model = build_vit(config.model, rngs=nnx.Rngs(0))
@@ -9,10 +10,12 @@ from vimoe.models.vit import (VARIANTS, MoeConfig, ViT, ViTConfig, activated_par
                               bicubic_resize_matrix, build_vit, count_params, flat_params, moe_blocks,
                               parse_moe_layers, resize_position_grid, vit_config)
 from vimoe.models.lm import LanguageModel, LMConfig, build_lm, generate, lm_config
+from vimoe.models.lstm import LstmMoeConfig, LstmMoeLM, build_lstm_lm, lstm_config
 
 __all__ = [
     "LMConfig", "LanguageModel", "build_lm", "generate", "lm_config",
     "VARIANTS", "MoeConfig", "ViT", "ViTConfig", "activated_params", "assign_params", "bicubic_resize_matrix",
     "build_vit", "count_params", "flat_params", "moe_blocks", "parse_moe_layers", "resize_position_grid",
     "vit_config",
+    "LstmMoeConfig", "LstmMoeLM", "build_lstm_lm", "lstm_config",
 ]
