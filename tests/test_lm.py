@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from vimoe import moe
-from vimoe.models.lm import UmoeAttention, apply_rope, build_lm, generate, lm_config
+from vimoe.models.lm import UmoeAttention, apply_rope, build_lm, causal_softmax, generate, lm_config
 
 V = 64                                  # vocabulary of the tiny models
 TINY = dict(vocab_size=V, dim=16, depth=2, num_heads=2, mlp_dim=32, max_length=32)
@@ -63,7 +63,7 @@ def tokens(batch, length, seed=0):
 
 MODELS = {
     "dense": dict(TINY, name="transformer", positions="learned", tie_embeddings=True),
-    "top_k": dict(TINY, name="transformer", moe=dict(MOE, layers="every:1")),
+    "top_k": dict(TINY, name="transformer", max_length=8, moe=dict(MOE, layers="every:1")),   # window 8 < T
     "noisy_top_k": dict(TINY, name="transformer", moe=dict(MOE, layers="every:1", router="noisy_top_k",
                                                            load_weight=0.01, balance_weight=0.0)),
     "hash": dict(TINY, name="transformer", moe=dict(MOE, layers="every:1", router="hash", k=1, balance_weight=0.0)),
@@ -71,7 +71,7 @@ MODELS = {
                       moe=dict(MOE, layers="every:1", router="prototype")),
     "einsum_no_drops": dict(TINY, name="transformer", moe=dict(MOE, layers="every:2", dispatch="einsum")),
     "umoe_pre": dict(UMOE, moe=MOE),
-    "umoe_post": dict(UMOE, umoe_mixing="post", moe=MOE),
+    "umoe_post": dict(UMOE, umoe_mixing="post", max_length=8, moe=MOE),
 }
 B, T = 2, 12                             # every forward pass has this shape: one XLA compile per model
 
@@ -146,7 +146,7 @@ def test_umoe_attention_with_linear_experts_is_multi_head_attention(mixing, rank
   D, H, E, dk, T = 8, 6, 4, 6, 7
   make_attention = lambda: UmoeAttention(
       D, H, E, E, key_dim=dk, query_rank=rank, mixing=mixing, shared_expert=True, activation="prelu",
-      rope_base=10000.0, normalize_gates=False, dispatch="gather", capacity_factor=None, balance_weight=0.0,
+      window=T, rope_base=10000.0, normalize_gates=False, dispatch="gather", capacity_factor=None, balance_weight=0.0,
       importance_weight=0.0, z_loss_weight=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0))
   attention = materialize(make_attention, seed=1)
   experts = materialize(lambda: moe.Experts(E, D, H, activation="prelu", rngs=nnx.Rngs(0)), seed=2)
@@ -205,6 +205,12 @@ def test_rope_matches_numpy_rotation_and_depends_on_relative_position():
                                   * np.asarray(apply_rope(jnp.asarray(k, jnp.float32), jnp.asarray([n])))))
   assert dot(7, 3) == pytest.approx(dot(4, 0), abs=1e-5)
   assert dot(7, 3) != pytest.approx(dot(5, 0), abs=1e-3)
+
+
+def test_attention_sees_itself_and_the_window_before_it():
+  weights = np.asarray(causal_softmax(jnp.zeros((6, 6)), jnp.arange(6), jnp.arange(6), 3))  # equal scores
+  expected = np.array([[1 if 0 <= t - s < 3 else 0 for s in range(6)] for t in range(6)], np.float32)
+  np.testing.assert_allclose(weights, expected / expected.sum(1, keepdims=True), atol=1e-7)
 
 
 # -- tied embeddings ---------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ forward pass. Routing groups are one sequence each.
 
 **Cached decoding.** `cache = model.init_cache(B, L)`; `logits, cache = model.decode(tokens [B, S], cache,
 position)` runs S new tokens at positions position..position+S-1 (a prompt, then one token at a time) and returns
-the same logits as the full forward pass. The standard attention caches keys and values [B, L, h, d]; UMoE caches
+the same logits as the full forward pass. Attention reaches back at most `max_length` positions (the context the
+model was trained on), so with RoPE a sample may run longer than the training sequences. The standard attention caches keys and values [B, L, h, d]; UMoE caches
 its keys [B, L, dk] and the raw hidden states [B, L, D] (pre-mixing) or every expert's output on them
 [B, L, E, D] (post-mixing). `generate(model, prompt, n, ...)` samples with the cache.
 
@@ -52,7 +53,9 @@ Model config keys (`build_lm(config)`; ml_collections.ConfigDict or dict):
   name               "transformer" | "umoe"
   vocab_size         256 (bytes)
   dim, depth, num_heads, mlp_dim     sizes (required); mlp_dim is the dense MLP width
-  max_length         1024: longest sequence (learned position table, default cache length)
+  max_length         1024: the context: the learned position table, and with RoPE the attention window (a token
+                     attends to itself and the max_length - 1 tokens before it), so sampling past the
+                     training length stays within the trained relative distances; default cache length
   positions          "rope" (default) | "learned"
   rope_base          10000.0
   tie_embeddings     False: True computes logits with the input embedding matrix (no separate head)
@@ -266,10 +269,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1).astype(x.dtype)
 
 
-def causal_softmax(scores: jax.Array, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+def causal_softmax(scores: jax.Array, query_positions: jax.Array, key_positions: jax.Array, window: int
+                   ) -> jax.Array:
   """scores [..., T, S] -> attention weights [..., T, S] (float32); key s is visible to query t iff
-  key_positions[s] <= query_positions[t]."""
-  visible = key_positions[None, :] <= query_positions[:, None]                              # [T, S]
+  query_positions[t] - window < key_positions[s] <= query_positions[t]."""
+  offset = query_positions[:, None] - key_positions[None, :]                                # [T, S]
+  visible = (offset >= 0) & (offset < window)
   scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)
 
@@ -290,8 +295,9 @@ _init = jax.nn.initializers.normal(0.02)  # GPT-2 initialisation for embeddings 
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention; `qkv.kernel` [D, 3D] with output columns ordered (q|k|v, head, d)."""
 
-  def __init__(self, dim: int, num_heads: int, *, rope_base: float | None, dtype, out_init, rngs: nnx.Rngs):
-    self.num_heads, self.rope_base = num_heads, rope_base
+  def __init__(self, dim: int, num_heads: int, *, window: int, rope_base: float | None, dtype, out_init,
+               rngs: nnx.Rngs):
+    self.num_heads, self.window, self.rope_base = num_heads, window, rope_base
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, use_bias=False, kernel_init=out_init, dtype=dtype, rngs=rngs)
 
@@ -314,7 +320,7 @@ class CausalSelfAttention(nnx.Module):
       cache = {"keys": k, "values": v}                                                      # [B, L, h, d]
       key_positions = jnp.arange(k.shape[1])
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D // h)                       # [B, h, T, S]
-    weights = causal_softmax(scores, positions, key_positions).astype(v.dtype)
+    weights = causal_softmax(scores, positions, key_positions, self.window).astype(v.dtype)
     out = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(B, T, D)
     return self.proj(out), cache
 
@@ -329,11 +335,11 @@ class UmoeAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, hidden_dim: int, num_experts: int, k: int, *, key_dim: int, query_rank: int,
-               mixing: str, shared_expert: bool, activation: str, rope_base: float | None,
+               mixing: str, shared_expert: bool, activation: str, window: int, rope_base: float | None,
                normalize_gates: bool, dispatch: str, capacity_factor: float | None, balance_weight: float,
                importance_weight: float, z_loss_weight: float, dtype, rngs: nnx.Rngs):
     self.num_experts, self.k, self.key_dim, self.mixing = num_experts, k, key_dim, mixing
-    self.rope_base, self.normalize_gates = rope_base, normalize_gates
+    self.window, self.rope_base, self.normalize_gates = window, rope_base, normalize_gates
     self.dispatch, self.capacity_factor = dispatch, capacity_factor
     self.loss_weights = (("attn_balance", "balance_loss", balance_weight),
                          ("attn_importance", "importance_loss", importance_weight),
@@ -399,7 +405,7 @@ class UmoeAttention(nnx.Module):
       cache = values
       key_positions = jnp.arange(values["keys"].shape[1])
     scores = jnp.einsum("btkc,bsc->bkts", q, values["keys"]) / math.sqrt(self.key_dim)     # [B, K(+1), T, S]
-    weights = causal_softmax(scores, positions, key_positions)
+    weights = causal_softmax(scores, positions, key_positions, self.window)
 
     if self.mixing == "pre":
       hidden = values["values"]
@@ -449,13 +455,14 @@ class Block(nnx.Module):
       self.attn = UmoeAttention(
           D, config.expert_dim, m.num_experts, config.umoe_attn_k, key_dim=config.umoe_key_dim,
           query_rank=config.umoe_query_rank, mixing=config.umoe_mixing,
-          shared_expert=config.umoe_attn_shared_expert, activation=config.mlp_activation, rope_base=rope_base,
+          shared_expert=config.umoe_attn_shared_expert, activation=config.mlp_activation,
+          window=config.max_length, rope_base=rope_base,
           normalize_gates=m.normalize_gates, dispatch=m.dispatch, capacity_factor=m.capacity_factor,
           balance_weight=m.balance_weight, importance_weight=m.importance_weight, z_loss_weight=m.z_loss_weight,
           dtype=dtype, rngs=rngs)
     else:
-      self.attn = CausalSelfAttention(D, config.num_heads, rope_base=rope_base, dtype=dtype, out_init=out_init,
-                                      rngs=rngs)
+      self.attn = CausalSelfAttention(D, config.num_heads, window=config.max_length, rope_base=rope_base,
+                                      dtype=dtype, out_init=out_init, rngs=rngs)
     self.norm2 = norm()
     if kind == "dense":
       # One always-on expert: the same MLP code and initialisation as the MoE experts.
@@ -550,8 +557,9 @@ class LanguageModel(nnx.Module):
     return logits, aux
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> list[dict]:
-    """Zero key/value caches for `batch_size` sequences of up to `max_length` tokens (default model.max_length):
-    a list with one dict of arrays per block."""
+    """Zero key/value caches for `batch_size` sequences of up to `max_length` tokens (default model.max_length;
+    with RoPE it may be longer: attention still sees the last model.max_length positions): a list with one dict
+    of arrays per block."""
     length = self.config.max_length if max_length is None else max_length
     if self.pos_embed is not None and length > self.config.max_length:
       raise ValueError(f"max_length={length} exceeds model.max_length={self.config.max_length} (learned positions)")
