@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from vimoe import moe
-from vimoe.models.lm import UmoeAttention, apply_rope, build_lm, causal_softmax, generate, lm_config
+from vimoe.models.lm import (UmoeAttention, apply_rope, build_lm, causal_softmax, ffn_macs_per_token, generate,
+                             lm_config)
 
 V = 64                                  # vocabulary of the tiny models
 TINY = dict(vocab_size=V, dim=16, depth=2, num_heads=2, mlp_dim=32, max_length=32)
@@ -259,3 +260,20 @@ def test_config_errors_name_the_key(config, fragment):
   with pytest.raises(ValueError) as error:
     lm_config(config)
   assert fragment in str(error.value), str(error.value)
+
+
+# -- the quickstart configs --------------------------------------------------------------------------------------
+
+def test_dense_quickstart_differs_from_the_moe_one_only_in_its_ffns():
+  from configs import lm_dense_quickstart, lm_quickstart, umoe_base_fineweb, umoe_quickstart
+  moe_config, dense_config = lm_quickstart.get_config(), lm_dense_quickstart.get_config()
+  moe_rest, dense_rest = moe_config.to_dict(), dense_config.to_dict()
+  moe_model, dense_model = moe_rest.pop("model"), dense_rest.pop("model")
+  assert moe_rest == dense_rest                               # steps, batch, data, optimizer, seed
+  moe_block = moe_model.pop("moe")
+  assert moe_model == dense_model and moe_block["layers"] == "every:1"
+  moe_lm, dense_lm = lm_config(moe_config.model), lm_config(dense_config.model)
+  routers = moe_lm.depth * moe_lm.dim * moe_lm.moe.num_experts
+  assert ffn_macs_per_token(moe_lm) - routers == ffn_macs_per_token(dense_lm) == 4 * 2 * 128 * 512
+  for module in (umoe_quickstart, umoe_base_fineweb):
+    assert lm_config(module.get_config().model).name == "umoe"

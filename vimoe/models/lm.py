@@ -45,9 +45,10 @@ forward pass. Routing groups are one sequence each.
 **Cached decoding.** `cache = model.init_cache(B, L)`; `logits, cache = model.decode(tokens [B, S], cache,
 position)` runs S new tokens at positions position..position+S-1 (a prompt, then one token at a time) and returns
 the same logits as the full forward pass. Attention reaches back at most `max_length` positions (the context the
-model was trained on), so with RoPE a sample may run longer than the training sequences. The standard attention caches keys and values [B, L, h, d]; UMoE caches
-its keys [B, L, dk] and the raw hidden states [B, L, D] (pre-mixing) or every expert's output on them
-[B, L, E, D] (post-mixing). `generate(model, prompt, n, ...)` samples with the cache.
+model was trained on), so with RoPE a sample may run longer than the training sequences. The standard attention
+caches keys and values [B, L, h, d]; UMoE caches its keys [B, L, dk] and the raw hidden states [B, L, D]
+(pre-mixing) or every expert's output on them [B, L, E, D] (post-mixing). `generate(model, prompt, n, ...)`
+samples with the cache.
 
 Model config keys (`build_lm(config)`; ml_collections.ConfigDict or dict):
   name               "transformer" | "umoe"
