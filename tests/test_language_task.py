@@ -1,8 +1,10 @@
 """The language-model task: masked cross-entropy against NumPy, evaluation sums that give the same perplexity as one
 NumPy pass, and the one trainer on a tiny LSTM-MoE (eval/ppl in metrics.jsonl, resume from a checkpoint)."""
 
+import importlib.util
 import json
 import math
+import pathlib
 import shutil
 
 import jax
@@ -16,6 +18,7 @@ from configs.lstm_moe_quickstart import get_config
 from vimoe.train import trainer
 from vimoe.train.language import LanguageModeling
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 V = 7
 
 
@@ -151,3 +154,18 @@ def test_pretrained_weights_are_refused():
   config.init = ml_collections.ConfigDict({"checkpoint": "/some/dinov2.npz"})
   with pytest.raises(ValueError, match=r"config\.init\.checkpoint='/some/dinov2\.npz'.*no pretrained weights"):
     LanguageModeling().load_pretrained(None, config)
+
+
+def test_table6_script_writes_only_between_the_markers(tmp_path):
+  spec = importlib.util.spec_from_file_location("table6", ROOT / "scripts" / "reproduce_shazeer_table6.py")
+  table6 = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table6)
+  results, draft = tmp_path / "results.md", tmp_path / "draft.md"
+  results.write_text(f"# Results\nbefore\n{table6.START}\nold table\n{table6.END}\nafter\n")
+  assert table6.write_results("new table\n", results, draft) == results
+  assert results.read_text() == f"# Results\nbefore\n{table6.START}\nnew table\n{table6.END}\nafter\n"
+  assert not draft.exists()
+  results.write_text("# Results without markers\n")
+  assert table6.write_results("new table\n", results, draft) == draft
+  assert results.read_text() == "# Results without markers\n"
+  assert draft.read_text() == f"{table6.START}\nnew table\n{table6.END}\n"
