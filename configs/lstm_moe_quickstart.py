@@ -7,6 +7,10 @@ MoE output) at toy scale: width 128 instead of 512, 16 ReLU experts of hidden wi
 1024, k=4 as in the paper's flat MoE, w_importance = w_load = 0.1 as in the paper. Byte-level tokens (vocabulary
 256), windows of 128 bytes. Shakespeare is split by play (vimoe/data/text.py); evaluation reads the first 16
 batches of the validation plays (Macbeth, The Tempest) so that an evaluation stays a few seconds.
+
+Measured (600 steps, 2 CPU cores shared with other jobs, load average ~7.5): 10 min 43 s wall, 5.2 min of CPU time;
+eval/ppl 6.40 per byte (2.68 bits per byte, next-byte accuracy 0.45) on the first 131,072 validation bytes, routing
+balanced (load CV 0.05, max/mean load 1.12).
 """
 
 import ml_collections
