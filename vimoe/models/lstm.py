@@ -23,7 +23,8 @@ in the paper. The MoE is `vimoe.moe.MoeLayer(router="noisy_top_k", causal=True, 
 
 Not reproduced: the paper's importance-sampled softmax over an 800k-word vocabulary (ours is a full softmax over a
 small byte or SentencePiece vocabulary), the output-projected LSTMs of the larger C.2 models, and the paper's
-batches of ~300k words. Each sequence starts from a zero LSTM state (training windows are independent).
+batches of ~300k words. vimoe's experts carry biases (1536 parameters per paper-size expert, which the paper's
+counts leave out). Each sequence starts from a zero LSTM state (training windows are independent).
 
 The LSTM (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000) is written out with
 `jax.lax.scan`: gates z = x W_x + h W_h + b split as (i, f, g, o);
