@@ -3,9 +3,10 @@
     python scripts/train.py --config configs/lm_dense_quickstart.py --workdir workdirs/lm_dense
 
 Same data, steps, batch, optimizer, seed and model width (D=128, 4 blocks, 128-byte sequences) as the MoE
-quickstart. The MLP width 512 equals the MoE model's active expert width (2 experts of width 256 per token), so
-both run the same FFN multiply-adds per token, 4 x 2 x 128 x 512 = 524,288 (the MoE adds its 128 x 16 routers,
-1.6%); tests/test_lm.py checks that the two configs differ in nothing else. Measured numbers in docs/results.md.
+quickstart. The MLP width 512 equals the MoE model's active expert width (2 shared + 2 routed experts of width
+128 per token), so both run the same FFN multiply-adds per token, 4 x 2 x 128 x 512 = 524,288 (the MoE adds its
+128 x 16 routers, 1.6%); tests/test_lm.py checks that the two configs differ in nothing else. Measured numbers
+in docs/results.md.
 """
 
 import ml_collections

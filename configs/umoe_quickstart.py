@@ -5,12 +5,12 @@
         --config.model.umoe_mixing=post
 
 Same data, steps, optimizer and model width as configs/lm_quickstart.py (D=128, 4 blocks, 128-byte sequences),
-every block a UMoE block (vimoe/models/lm.py): a pool of E=16 experts of width 128 per block. The attention
-sub-layer routes each token to 2 experts plus its shared expert; each expert mixes the block's hidden states
-with its own query (x W_q + x A_i B_i, rank 8, query/key width 64, RoPE) and runs on the mixture
-(pre-mixing). The FFN sub-layer routes the token to 4 experts of the same pool with its own router: active FFN
-width 4 x 128 = 512, the dense quickstart's MLP width. Dropless gather dispatch, balance loss 0.01 and router
-z-loss 0.001 on both routers. Measured numbers in docs/results.md.
+and the same FFN: 2 shared + 2 of E=16 routed experts of width 128 (gates renormalised), dropless gather
+dispatch. Every block is a UMoE block (vimoe/models/lm.py): its attention routes each token to 2 experts of the
+same pool plus an attention shared expert; each expert mixes the block's hidden states with its own query
+(x W_q + x A_i B_i, rank 8, query/key width 64, RoPE) and runs on the mixture (pre-mixing). The FFN uses the
+same 16 experts with its own router. Balance loss 0.01 and router z-loss 0.001 on both routers. Measured numbers
+in docs/results.md.
 """
 
 import ml_collections
@@ -40,9 +40,9 @@ def get_config(arg=None):
       tie_embeddings=False, mlp_activation="gelu", norm="rmsnorm", dropout=0.0, dtype="float32",
       umoe_mixing="pre", umoe_attn_k=2, umoe_query_rank=8, umoe_key_dim=64, umoe_attn_shared_expert=True))
   config.model.moe = ml_collections.ConfigDict(dict(
-      layers="every:1", num_experts=16, k=4, hidden_dim=128, router="top_k",
-      capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=0,
-      normalize_gates=False, balance_weight=0.01, z_loss_weight=0.001, importance_weight=0.0, load_weight=0.0))
+      layers="every:1", num_experts=16, k=2, hidden_dim=128, router="top_k",
+      capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=2,
+      normalize_gates=True, balance_weight=0.01, z_loss_weight=0.001, importance_weight=0.0, load_weight=0.0))
 
   config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
 
