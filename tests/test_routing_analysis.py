@@ -84,6 +84,10 @@ def test_recommendation_keeps_specialised_layers():
   assert scattered["moe_layers"] == "1,5"
   none = routing.recommend_layers({"block5": 0.02}, num_experts=8, depth=6)
   assert none["keep"] == [] and "No layer" in none["text"]
+  # A score less than twice its shuffled-label score is not kept: block4 (0.35 < 2 * 0.2) drops out.
+  noisy = routing.recommend_layers({"block4": 0.35, "block5": 0.6}, num_experts=8, depth=6,
+                                   chance={"block4": 0.2, "block5": 0.05})
+  assert noisy["keep"] == ["block5"] and noisy["moe_layers"] == "last:1"
 
 
 def test_analyze_and_log_round_trip(tmp_path):

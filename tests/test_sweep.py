@@ -214,6 +214,9 @@ def test_point_names_and_bad_sweeps():
   assert sweep.point_name({"model.moe.layers": "last:3", "model.moe.num_shared_experts": 0, "seed": 1}) == \
       "layers=last_3,shared=0,seed=1"
   assert sweep.point_name({}) == "base"
+  long_name = sweep.point_name({"data.train_split": "x" * 300})
+  assert len(long_name) == 200 and long_name.startswith("train_split=xxx") and long_name != sweep.point_name(
+      {"data.train_split": "x" * 301})
   # Two keys with the same last component are named in full; sequences are joined with '+'.
   assert sweep.point_name({"data.image_size": 16, "model.image_size": 32, "data.mean": (0.5, 0.4)}) == \
       "data.image_size=16,model.image_size=32,mean=0.5+0.4"

@@ -179,20 +179,25 @@ def layers_spec(indices, depth: int | None) -> str:
 
 
 def recommend_layers(scores: dict[str, float], *, num_experts: int, k: int = 1, depth: int | None = None,
-                     min_score: float = 0.1, relative: float = 0.5) -> dict:
+                     chance: dict[str, float] | None = None, min_score: float = 0.1, relative: float = 0.5,
+                     chance_factor: float = 2.0) -> dict:
   """ViMoE's advice from the specialisation scores {"block{i}": S}: keep MoE in the blocks whose routing
   specialises, a dense MLP (or a shared expert alone) elsewhere.
 
-  A block is kept when S >= max(min_score, relative * best S). Returns {"keep", "drop" (block names),
-  "moe_layers" (the config value for the kept blocks), "routing_degree" (D of the kept blocks), "text"}.
+  A block is kept when S >= max(min_score, relative * best S) and, given its shuffled-label score `chance`,
+  S >= chance_factor * chance (a small sample or a nearly constant routing scores well above 0 by chance).
+  Returns {"keep", "drop" (block names), "moe_layers" (the config value for the kept blocks), "routing_degree"
+  (D of the kept blocks), "threshold", "text"}.
   """
   if not scores:
     return {"keep": [], "drop": [], "moe_layers": "none", "routing_degree": 1, "threshold": None,
             "text": "No MoE layers: nothing to analyse."}
   best = max(scores.values())
   threshold = max(min_score, relative * best)
+  chance = chance or {}
   order = sorted(scores, key=block_index)
-  keep = [name for name in order if scores[name] >= threshold]
+  keep = [name for name in order
+          if scores[name] >= threshold and scores[name] >= chance_factor * chance.get(name, 0.0)]
   drop = [name for name in order if name not in keep]
   spec = layers_spec([block_index(name) for name in keep], depth)
   degree = routing_degree(num_experts, k, len(keep))
@@ -201,15 +206,16 @@ def recommend_layers(scores: dict[str, float], *, num_experts: int, k: int = 1, 
     return ", ".join(f"{name} (S={scores[name]:.2f})" for name in names) or "none"
 
   lines = [f"Specialisation S = 1 - H(expert|class)/H(expert) per MoE layer; keep a layer when S >= "
-           f"{threshold:.2f} (max of {min_score} and {relative} x the best, {best:.2f})."]
+           f"{threshold:.2f} (max of {min_score} and {relative} x the best, {best:.2f})"
+           + (f" and S >= {chance_factor} x its shuffled-label score." if chance else ".")]
   if keep:
     lines.append(f"Keep MoE in: {describe(keep)}.")
     lines.append(f"Dense MLP instead in: {describe(drop)}." if drop else "Every MoE layer specialises: keep them all.")
     lines.append(f"Suggested model.moe.layers={spec!r}: L={len(keep)}, routing degree D = C({num_experts},{k})^"
                  f"{len(keep)} = {degree} (the paper's best configurations have D near 32..64).")
   else:
-    lines.append(f"No layer's routing specialises (best S={best:.2f} < {min_score}): the MoE layers add "
-                 f"parameters without class-dependent routing; consider a dense model or fewer MoE layers.")
+    lines.append(f"No layer's routing specialises (best S={best:.2f}): the MoE layers add parameters without "
+                 f"class-dependent routing; consider a dense model or fewer MoE layers.")
   return {"keep": keep, "drop": drop, "moe_layers": spec, "routing_degree": degree, "threshold": threshold,
           "text": "\n".join(lines)}
 
@@ -235,18 +241,19 @@ def analyze(log: RoutingLog, *, min_score: float = 0.1, relative: float = 0.5, s
         "chance_specialization": chance_specialization(log.labels, log.choices[name], log.num_classes,
                                                        log.num_experts, shuffles=shuffles)}
   scores = {name: layer["specialization"] for name, layer in layers.items()}
+  chance = {name: layer["chance_specialization"] for name, layer in layers.items()}
   return {"num_classes": log.num_classes, "num_experts": log.num_experts, "k": log.k, "depth": log.depth,
           "units": log.units, "num_units": int(valid.sum()), "moe_blocks": [block_index(n) for n in layers],
           "routing_degree": routing_degree(log.num_experts, log.k, len(layers)), "layers": layers,
           "recommendation": recommend_layers(scores, num_experts=log.num_experts, k=log.k, depth=log.depth,
-                                             min_score=min_score, relative=relative)}
+                                             chance=chance, min_score=min_score, relative=relative)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Figures (matplotlib Figure objects: no pyplot state, shown inline by notebooks, saved by scripts)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _draw_heatmap(axis, layer: dict, name: str, class_names=None, colorbar_figure=None):
+def _draw_heatmap(axis, layer: dict, name: str, class_names=None, colorbar_figure=None, class_label=True):
   matrix = np.asarray(layer["matrix"])
   rows = np.flatnonzero(np.asarray(layer["counts"]).sum(axis=1) > 0)  # classes seen in the log
   image = axis.imshow(matrix[rows], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -255,7 +262,8 @@ def _draw_heatmap(axis, layer: dict, name: str, class_names=None, colorbar_figur
     axis.set_yticks(range(len(rows)), [names[row] for row in rows], fontsize=7)
   axis.set_xticks(range(matrix.shape[1]), [str(e) for e in range(matrix.shape[1])], fontsize=7)
   axis.set_xlabel("expert")
-  axis.set_ylabel("class")
+  if class_label:
+    axis.set_ylabel("class")
   where = f"{name}" + (f" (l={layer['l']})" if layer.get("l") is not None else "")
   axis.set_title(f"{where}: S={layer['specialization']:.2f}", fontsize=9)
   if colorbar_figure is not None:
@@ -267,9 +275,9 @@ def heatmap_figure(analysis: dict, name: str, class_names=None):
   """One layer's class x expert heatmap of P(expert | class)."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   layer = analysis["layers"][name]
-  figure = Figure(figsize=(0.45 * analysis["num_experts"] + 2.5, 0.25 * analysis["num_classes"] + 1.8))
+  figure = Figure(figsize=(0.45 * analysis["num_experts"] + 2.5, 0.25 * analysis["num_classes"] + 1.8),
+                  layout="constrained")
   _draw_heatmap(figure.subplots(), layer, name, class_names, colorbar_figure=figure)
-  figure.tight_layout()
   return figure
 
 
@@ -278,13 +286,13 @@ def combined_heatmap_figure(analysis: dict, class_names=None):
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   names = sorted(analysis["layers"], key=block_index)
   count = max(len(names), 1)
-  figure = Figure(figsize=(min(3.0 * count, 24) + 1.0, 0.25 * analysis["num_classes"] + 2.0))
+  figure = Figure(figsize=(min(2.4 * count, 24) + 1.5, 0.25 * analysis["num_classes"] + 2.0), layout="constrained")
   axes = figure.subplots(1, count, squeeze=False)[0]
   image = None
-  for axis, name in zip(axes, names):
-    image = _draw_heatmap(axis, analysis["layers"][name], name, class_names)
+  for position, (axis, name) in enumerate(zip(axes, names)):
+    image = _draw_heatmap(axis, analysis["layers"][name], name, class_names, class_label=position == 0)
   if image is not None:
-    figure.colorbar(image, ax=list(axes), label="P(expert | class)", shrink=0.8)
+    figure.colorbar(image, ax=list(axes), label="P(expert | class)")
   figure.suptitle("first-choice expert per class", fontsize=10)
   return figure
 
@@ -294,7 +302,7 @@ def expert_load_figure(analysis: dict):
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   names = sorted(analysis["layers"], key=block_index)
   experts = analysis["num_experts"]
-  figure = Figure(figsize=(max(4.0, 0.6 * experts * max(len(names), 1) / 2 + 2), 3.2))
+  figure = Figure(figsize=(min(3.0 + 0.15 * experts * max(len(names), 1), 10.0), 3.2), layout="constrained")
   axis = figure.subplots()
   width = 0.8 / max(len(names), 1)
   for position, name in enumerate(names):
@@ -305,7 +313,6 @@ def expert_load_figure(analysis: dict):
   axis.set_xlabel("expert")
   axis.set_ylabel(f"fraction of {analysis['units']}s")
   axis.legend(fontsize=7)
-  figure.tight_layout()
   return figure
 
 

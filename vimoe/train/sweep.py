@@ -13,7 +13,7 @@ overrides in the order the dict gives them, with short key names (`point_name`):
     {"model.moe.layers": "last:3", "model.moe.num_shared_experts": 0, "seed": 1} -> "layers=last_3,shared=0,seed=1"
 
 The name is also the point's directory under the sweep root, so it keeps only letters, digits and `._=,+-`
-(anything else becomes `_`). scripts/sweep.py runs the points one after another (`run_sweep`), prints one
+(anything else becomes `_`; a name over 200 characters is cut and ends in a hash). scripts/sweep.py runs the points one after another (`run_sweep`), prints one
 scripts/train.py command per point for a cluster scheduler (`train_commands`), or reads the finished workdirs back
 into a table and a figure (`collect`, `write_results`).
 """
@@ -21,6 +21,7 @@ into a table and a figure (`collect`, `write_results`).
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import math
@@ -46,6 +47,7 @@ SHORT_NAMES = {"model.moe.layers": "layers", "model.moe.num_shared_experts": "sh
 LAYERS_KEY = "model.moe.layers"
 SEED_KEY = "seed"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+MAX_NAME = 200
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,12 +119,15 @@ def format_value(value) -> str:
 
 
 def point_name(overrides: dict) -> str:
-  """'short=value,...' in the dict's order, made safe for a directory name; 'base' for no overrides."""
+  """'short=value,...' in the dict's order, made safe for a directory name; 'base' for no overrides. Names longer
+  than MAX_NAME characters are cut and end in a hash of the full name (file systems allow 255 bytes)."""
   if not overrides:
     return "base"
   names = short_names(overrides)
-  text = ",".join(f"{names[key]}={format_value(value)}" for key, value in overrides.items())
-  return _UNSAFE.sub("_", text)
+  text = _UNSAFE.sub("_", ",".join(f"{names[key]}={format_value(value)}" for key, value in overrides.items()))
+  if len(text) > MAX_NAME:
+    text = text[:MAX_NAME - 9] + "~" + hashlib.sha1(text.encode()).hexdigest()[:8]
+  return text
 
 
 def apply_overrides(config, overrides: dict):
@@ -423,11 +428,12 @@ def plot_placement(groups: list[dict], swept: list[str], path) -> pathlib.Path:
   for group in groups:
     label = ", ".join(f"{names[key]}={format_value(group[key])}" for key in series_keys) or "all"
     series.setdefault(label, []).append(group)
-  figure = Figure(figsize=(6, 4))
+  figure = Figure(figsize=(6, 4), layout="constrained")
   axis = figure.subplots()
-  for label, members in sorted(series.items()):
+  for position, (label, members) in enumerate(sorted(series.items())):
     members = sorted(members, key=lambda group: group["num_moe_layers"])
-    x = [group["num_moe_layers"] for group in members]
+    shift = 0.06 * (position - (len(series) - 1) / 2)  # side by side, so the error bars do not hide each other
+    x = [group["num_moe_layers"] + shift for group in members]
     y = [group["mean"] for group in members]
     error = [0.0 if math.isnan(group["std"]) else group["std"] for group in members]
     axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label)
@@ -436,7 +442,6 @@ def plot_placement(groups: list[dict], swept: list[str], path) -> pathlib.Path:
   axis.set_ylabel(f"{metric} (mean ± std over seeds)")
   axis.grid(alpha=0.3)
   axis.legend(fontsize=8)
-  figure.tight_layout()
   path = pathlib.Path(path)
   figure.savefig(path, dpi=120)
   return path
