@@ -3,8 +3,14 @@
     python scripts/train.py --config configs/quickstart.py --workdir /tmp/quickstart [--config.total_steps=100]
 """
 
+import pathlib
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Configs import shared recipes (`from configs.imagenet_common import ...`): make the repo root importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from vimoe import parallel
 
