@@ -14,6 +14,7 @@ instance track and are not comparable. Weights: `scripts/convert_dinov2.py` (REA
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 ADE20K_CLASSES = 150
 
@@ -43,9 +44,9 @@ def base_config(*, moe_layers: str = "none", head: str = "linear", steps: int = 
       variant=variant, image_size=518, num_classes=ADE20K_CLASSES, num_registers=0, layerscale_init=1e-5,
       drop_path_rate=0.1))
   config.model.moe = ml_collections.ConfigDict(dict(
-      layers=moe_layers, num_experts=num_experts, k=k, router="top_k", capacity_factor=None, dispatch="gather",
-      group_size=None, route_per="token", num_shared_experts=num_shared_experts, normalize_gates=False,
-      balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
+      layers=moe_layers, num_experts=num_experts, k=k, router="top_k", capacity_factor=placeholder(float),
+      dispatch="gather", group_size=placeholder(int), route_per="token", num_shared_experts=num_shared_experts,
+      normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
   config.model.head = ml_collections.ConfigDict(dict(kind=head, freeze_backbone=False, dropout=0.1))
   config.init = ml_collections.ConfigDict(dict(checkpoint=ml_collections.config_dict.placeholder(str),
                                                noise_std=0.0))

@@ -8,6 +8,7 @@ expert 84.2 top-1).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
@@ -37,8 +38,9 @@ def base_config(*, variant: str, epochs: int, batch_size: int = 1024, lr: float 
       variant=variant, image_size=224, num_classes=1000, num_registers=0, layerscale_init=layerscale_init,
       classifier="cls", head_zero_init=True, drop_path_rate=drop_path_rate))
   config.model.moe = ml_collections.ConfigDict(dict(
-      layers=moe_layers, num_experts=num_experts, k=k, router="top_k", capacity_factor=capacity_factor,
-      dispatch=dispatch, group_size=None, route_per=route_per, num_shared_experts=num_shared_experts,
+      layers=moe_layers, num_experts=num_experts, k=k, router="top_k",
+      capacity_factor=placeholder(float) if capacity_factor is None else capacity_factor,
+      dispatch=dispatch, group_size=placeholder(int), route_per=route_per, num_shared_experts=num_shared_experts,
       normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
   config.init = ml_collections.ConfigDict(dict(
       checkpoint=init_checkpoint if init_checkpoint is not None else ml_collections.config_dict.placeholder(str),

@@ -26,6 +26,7 @@ lm1b must be prepared once in the ArrayRecord format (the error message gives th
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config(*, moe: dict, dropout: float, arg=None):
@@ -51,8 +52,8 @@ def base_config(*, moe: dict, dropout: float, arg=None):
   config.model = ml_collections.ConfigDict(dict(
       name="lstm_moe", vocab_size=32_000 if spm_model else 256, dim=512, dropout=dropout, forget_bias=1.0))
   config.model.moe = ml_collections.ConfigDict(dict(
-      hidden_dim=1024, importance_weight=0.1, load_weight=0.1, capacity_factor=None, dispatch="gather",
-      group_size=None, **moe))
+      hidden_dim=1024, importance_weight=0.1, load_weight=0.1, capacity_factor=placeholder(float), dispatch="gather",
+      group_size=placeholder(int), **moe))
 
   # Sizes None are inferred (vimoe.parallel.make_mesh) when there is more than one device.
   config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))

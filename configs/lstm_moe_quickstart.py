@@ -14,6 +14,7 @@ balanced (load CV 0.05, max/mean load 1.12).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -39,7 +40,7 @@ def get_config(arg=None):
       name="lstm_moe", vocab_size=256, dim=128, dropout=0.1, forget_bias=1.0))
   config.model.moe = ml_collections.ConfigDict(dict(
       type="flat", num_experts=16, k=4, hidden_dim=256, importance_weight=0.1, load_weight=0.1,
-      capacity_factor=None, dispatch="gather", group_size=None))
+      capacity_factor=placeholder(float), dispatch="gather", group_size=placeholder(int)))
 
   # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).
   config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))

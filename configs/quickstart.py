@@ -10,6 +10,7 @@ minutes on 2 CPU cores (see docs/results.md for the measured run).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -36,8 +37,8 @@ def get_config(arg=None):
       num_registers=0, layerscale_init=None, mlp_activation="gelu", classifier="cls", head_zero_init=False,
       drop_path_rate=0.0))
   config.model.moe = ml_collections.ConfigDict(dict(
-      layers="last:2", num_experts=8, k=1, router="top_k", capacity_factor=None, dispatch="gather",
-      group_size=None, route_per="item", num_shared_experts=1, normalize_gates=False,
+      layers="last:2", num_experts=8, k=1, router="top_k", capacity_factor=placeholder(float), dispatch="gather",
+      group_size=placeholder(int), route_per="item", num_shared_experts=1, normalize_gates=False,
       balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
 
   # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).

@@ -5,12 +5,13 @@
 Canvases of 32x32 pixels hold 1-2 scikit-learn digits (each upscaled to 16x16, placed at random without overlap;
 two fit only in some layouts) on black; every pixel is labelled background or its digit's class where the ink
 is (11 classes). The backbone is the quickstart's ViT (6 blocks, dim 96, 4x4 patches: 64 patch tokens); as in
-ViMoE's segmentation setting the MoE blocks route per TOKEN (last 2 blocks, N=8, top-1, one shared expert). The DINOv2 linear head (batch norm + 1x1 classifier, bilinear upsampling) is
-trained with the backbone from scratch. Target: held-out mIoU >= 0.60 in under 10 minutes on 2 CPU cores
+ViMoE's segmentation setting the MoE blocks route per TOKEN (last 2 blocks, N=8, top-1, one shared expert).
+The DINOv2 linear head (batch norm + 1x1 classifier, bilinear upsampling) is trained with the backbone from scratch. Target: held-out mIoU >= 0.60 in under 10 minutes on 2 CPU cores
 (docs/results.md has the measured run and the expert-map picture).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -38,8 +39,8 @@ def get_config(arg=None):
       variant=None, image_size=32, patch_size=4, dim=96, depth=6, num_heads=3, mlp_dim=192, num_classes=11,
       num_registers=0, layerscale_init=None, mlp_activation="gelu", drop_path_rate=0.0))
   config.model.moe = ml_collections.ConfigDict(dict(
-      layers="last:2", num_experts=8, k=1, router="top_k", capacity_factor=None, dispatch="gather",
-      group_size=None, route_per="token", num_shared_experts=1, normalize_gates=False,
+      layers="last:2", num_experts=8, k=1, router="top_k", capacity_factor=placeholder(float), dispatch="gather",
+      group_size=placeholder(int), route_per="token", num_shared_experts=1, normalize_gates=False,
       balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
   config.model.head = ml_collections.ConfigDict(dict(kind="linear", freeze_backbone=False, dropout=0.0))
 

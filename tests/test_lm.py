@@ -71,6 +71,11 @@ MODELS = {
     "prototype": dict(TINY, name="transformer", mlp_activation="prelu",
                       moe=dict(MOE, layers="every:1", router="prototype")),
     "einsum_no_drops": dict(TINY, name="transformer", moe=dict(MOE, layers="every:2", dispatch="einsum")),
+    # k=1 with a capacity drops tokens, in position order: a later token can never push out an earlier one.
+    "einsum_capacity_k1": dict(TINY, name="transformer", moe=dict(MOE, layers="every:1", k=1, dispatch="einsum",
+                                                                  capacity_factor=0.5)),
+    "gather_capacity_k1": dict(TINY, name="transformer", moe=dict(MOE, layers="every:1", k=1, dispatch="gather",
+                                                                  capacity_factor=0.5)),
     "umoe_pre": dict(UMOE, moe=MOE),
     "umoe_post": dict(UMOE, umoe_mixing="post", max_length=8, moe=MOE),
 }
@@ -80,7 +85,8 @@ B, T = 2, 12                             # every forward pass has this shape: on
 @functools.lru_cache(maxsize=None)
 def model_named(name):
   """The model of MODELS[name] with random parameters, shared by the tests (compiling is most of their time)."""
-  return materialize(lambda: build_lm(MODELS[name], rngs=nnx.Rngs(1)))
+  # With k=1 the parameters of seed 0 send every token of block 1 to one expert; seed 2 spreads them.
+  return materialize(lambda: build_lm(MODELS[name], rngs=nnx.Rngs(1)), seed=2 if "capacity_k1" in name else 0)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -95,7 +101,8 @@ def test_changing_a_token_never_changes_earlier_logits(name):
   # The edit does reach its own and later positions (the check above is not vacuous).
   assert np.abs(logits[1, changed:] - logits[0, changed:]).max(axis=-1).min() > 1e-4
   if name != "dense":
-    assert abs(float(aux["metrics"]["block1"]["dropped_fraction"])) < 1e-6
+    dropped = float(aux["metrics"]["block1"]["dropped_fraction"])
+    assert dropped > 0.05 if "capacity" in name else abs(dropped) < 1e-6   # the capacity models do drop tokens
     used = np.asarray(aux["metrics"]["block1"]["expert_load"]) > 0
     assert used.sum() >= 2, "routing is trivial: every token went to one expert"
   if name.startswith("umoe"):
@@ -242,6 +249,8 @@ def test_tied_embeddings_share_one_parameter():
     (dict(TINY, name="transformer", moe=dict(layers="last:1", router="soft", dispatch="einsum")),
      "model.moe.router='soft' with causal=True"),
     (dict(TINY, name="transformer", moe=dict(layers="last:1", router="top1")), "model.moe.router='top1' is not valid"),
+    (dict(TINY, name="transformer", moe=dict(layers="last:1", k=2, dispatch="einsum", capacity_factor=1.25)),
+     "model.moe.capacity_factor=1.25 with k=2 and causal=True"),
     (dict(TINY, name="gpt"), "model.name='gpt' is not valid; choose one of: 'transformer', 'umoe'"),
     (dict(TINY, name="transformer", dropout_rate=0.1), "unknown config key(s) model.dropout_rate"),
     (dict(TINY, name="transformer", moe=dict(layers="every:1", group_size=64)), "model.moe.group_size"),

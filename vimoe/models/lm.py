@@ -36,11 +36,12 @@ so it is here for comparison at small scale only.
 
 **Causality and routing.** Routers that see the whole group (experts_choose, soft, batch priority) are refused.
 Token-choice routing is causal when nothing is dropped: `dispatch="gather", capacity_factor=None` (the default,
-dropless) or `dispatch="einsum", capacity_factor=None` (capacity = sequence length). With a capacity factor,
-token choice is *not* strictly causal: slots are filled first choices first, so a later token's first choice
-can take the slot an earlier token's second choice needed, and whether a token is dropped depends on the tokens
-after it. Cached decoding routes one step at a time and never drops, so it then differs from the training-time
-forward pass. Routing groups are one sequence each.
+dropless) or `dispatch="einsum", capacity_factor=None` (capacity = sequence length). A capacity factor is allowed
+with k=1 only (slots go to tokens in position order, so an earlier token is never pushed out by a later one); with
+k >= 2 slots are filled first choices first, so a later token's first choice could take the slot an earlier
+token's second choice needed, and that is refused. Cached decoding routes one step at a time and never drops, so
+with a capacity it can differ from the training-time forward pass where the training pass dropped a token.
+Routing groups are one sequence each.
 
 **Cached decoding.** `cache = model.init_cache(B, L)`; `logits, cache = model.decode(tokens [B, S], cache,
 position)` runs S new tokens at positions position..position+S-1 (a prompt, then one token at a time) and returns

@@ -73,6 +73,11 @@ def validate_moe_args(*, num_experts, k, router, capacity_factor, dispatch, rout
     if batch_priority:
       raise ValueError("batch_priority=True with causal=True: ordering tokens by gate lets future tokens take "
                        "capacity from earlier ones; use batch_priority=False")
+    if capacity_factor is not None and k > 1:
+      # Capacity serves every first choice of a group before any second choice, so a later token's first choice can
+      # push out an earlier token's second choice: the earlier token's output would depend on the future.
+      raise ValueError(f"capacity_factor={capacity_factor!r} with k={k} and causal=True: later tokens could drop "
+                       "earlier tokens' second choices (not causal); use capacity_factor=None (dropless) or k=1")
   if batch_priority and router not in TOKEN_CHOICE_ROUTERS:
     raise ValueError(f"batch_priority=True with router={router!r}: only token-choice routers "
                      f"({', '.join(TOKEN_CHOICE_ROUTERS)}) have a priority order")
