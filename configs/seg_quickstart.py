@@ -6,7 +6,8 @@ Canvases of 32x32 pixels hold 1-2 scikit-learn digits (each upscaled to 16x16, p
 two fit only in some layouts) on black; every pixel is labelled background or its digit's class where the ink
 is (11 classes). The backbone is the quickstart's ViT (6 blocks, dim 96, 4x4 patches: 64 patch tokens); as in
 ViMoE's segmentation setting the MoE blocks route per TOKEN (last 2 blocks, N=8, top-1, one shared expert).
-The DINOv2 linear head (batch norm + 1x1 classifier, bilinear upsampling) is trained with the backbone from scratch. Target: held-out mIoU >= 0.60 in under 10 minutes on 2 CPU cores
+The DINOv2 linear head (batch norm + 1x1 classifier, bilinear upsampling) is trained with the backbone from
+scratch: 3000 steps of 16 canvases. Target: held-out mIoU >= 0.60 in under 10 minutes on 2 CPU cores
 (docs/results.md has the measured run and the expert-map picture).
 """
 
@@ -19,13 +20,15 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.task = "segmentation"
   config.seed = 0
-  config.batch_size = 32
+  # Batch 16: a CPU step costs the same per image at batch 16, 24 or 32 (about 110 images/s), and twice the updates
+  # learn faster: 0.57 mIoU after 32k canvases against 0.42-0.44 at batch 32 (docs/results.md).
+  config.batch_size = 16
   config.eval_batch_size = 100
-  total_steps = ml_collections.FieldReference(1500)
+  total_steps = ml_collections.FieldReference(3000)
   config.total_steps = total_steps
   config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 500
+  config.eval_every = 1000
+  config.checkpoint_every = 1000
   config.keep_checkpoints = 2
   config.label_smoothing = 0.0
   config.expert_map_images = 4
@@ -46,7 +49,7 @@ def get_config(arg=None):
 
   config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
   config.optim = ml_collections.ConfigDict(dict(
-      lr=1.5e-3, min_lr_ratio=0.01, warmup_steps=50, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=1.0,
+      lr=1.5e-3, min_lr_ratio=0.01, warmup_steps=100, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=1.0,
       layer_decay=1.0))
   config.optim.total_steps = total_steps
   return config

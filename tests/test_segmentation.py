@@ -2,8 +2,10 @@
 canvases, the ADE20K pipelines (tfds mock data and an ADEChallengeData2016-shaped directory), and resume."""
 
 import json
+import os
 import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +362,26 @@ def test_segmentation_training_resumes_and_writes_miou_and_expert_maps(tmp_path)
         np.testing.assert_allclose(np.asarray(a[key], float), np.asarray(b[key], float), rtol=1e-5, atol=1e-6,
                                    err_msg=f"step {a['step']} {key}")
   assert again["eval/miou"] == pytest.approx(final["eval/miou"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/seg_patch_oracle.py
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_patch_oracle_against_hand_worked_maps():
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import seg_patch_oracle
+  # Every 2x2 patch uniform: the upsampled histograms put 0.75 of each pixel's weight on its own patch -> exact.
+  blocks = np.array([[0, 1], [2, 0]])
+  uniform = np.kron(blocks, np.ones((2, 2), np.int64))[None]
+  metrics = seg_patch_oracle.oracle_miou(uniform, patch=2, num_classes=3)
+  assert metrics["miou"] == 1.0 and metrics["pixel_accuracy"] == 1.0
+  # One pixel of class 1 in a 4x4 background: its patch's histogram is 3/4 background, so every pixel is predicted
+  # background: IoU(background) = 15/16, IoU(class 1) = 0, mIoU = 15/32.
+  island = np.zeros((1, 4, 4), np.int64)
+  island[0, 0, 0] = 1
+  metrics = seg_patch_oracle.oracle_miou(island, patch=2, num_classes=2)
+  np.testing.assert_allclose(metrics["iou_per_class"], [15 / 16, 0.0])
+  assert metrics["miou"] == pytest.approx(15 / 32) and metrics["pixel_accuracy"] == pytest.approx(15 / 16)
+  with pytest.raises(ValueError, match="5x4 pixels are not a whole number of 2x2 patches"):
+    seg_patch_oracle.oracle_miou(np.zeros((1, 5, 4), np.int64), patch=2, num_classes=2)
