@@ -173,6 +173,46 @@ def _process_shard(process_index: int | None, process_count: int | None) -> tupl
   return process_index, process_count
 
 
+def check_loader_args(batch_size: int, seed: int, num_epochs: int | None, process_index: int | None,
+                      process_count: int | None) -> tuple[int, int, int]:
+  """The checks every grain loader here makes; returns (process_index, process_count, per-process batch)."""
+  process_index, process_count = _process_shard(process_index, process_count)
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the process count {process_count}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32)")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs={num_epochs} must be positive or None")
+  return process_index, process_count, batch_size // process_count
+
+
+def shard_examples(ds: grain.MapDataset, transform, *, train: bool, split: str, process_index: int,
+                   process_count: int, local_batch: int, num_epochs: int | None, pad_element: dict) -> grain.MapDataset:
+  """This process's examples of a seeded MapDataset, transformed, before batching.
+
+  Training: shuffled, cut to a multiple of the process count (every process the same number of examples), taken
+  every process_count-th, repeated `num_epochs` times (None = forever). Evaluation: in order, taken every
+  process_count-th, padded with `pad_element` to the same whole number of batches on every process.
+  """
+  if train:
+    ds = _apply(ds.shuffle(), transform)
+    even = len(ds) - len(ds) % process_count
+    ds = ds[:even][process_index::process_count]
+    if len(ds) < local_batch:
+      raise ValueError(f"split {split!r} gives each of {process_count} processes {len(ds)} examples, fewer than "
+                       f"one batch of {local_batch}")
+    return ds.repeat(num_epochs)
+  length = len(ds)
+  ds = _apply(ds, transform)[process_index::process_count]
+  # Same number of full batches on every process: pad up to the largest shard, rounded up to whole batches.
+  padded_length = math.ceil(math.ceil(length / process_count) / local_batch) * local_batch
+  if padded_length > len(ds):
+    ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad_element] * (padded_length - len(ds)))])
+  if num_epochs is not None and num_epochs > 1:
+    ds = ds.repeat(num_epochs)
+  return ds
+
+
 def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train: bool,
                         num_epochs: int | None = None, process_index: int | None = None,
                         process_count: int | None = None) -> grain.IterDataset:
@@ -189,36 +229,14 @@ def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train
     process_index, process_count: this process's shard; default jax.process_index() / jax.process_count().
   """
   cfg = _resolve(config)
-  process_index, process_count = _process_shard(process_index, process_count)
-  if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the process count {process_count}")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed} must be in [0, 2**32)")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs={num_epochs} must be positive or None")
-  local_batch = batch_size // process_count
+  process_index, process_count, local_batch = check_loader_args(batch_size, seed, num_epochs, process_index,
+                                                                process_count)
   source, transform = _source_and_transform(cfg, split, augment=train and cfg["augment"])
-
-  ds = grain.MapDataset.source(source).seed(seed)
-  if train:
-    ds = _apply(ds.shuffle(), transform)
-    even = len(ds) - len(ds) % process_count
-    ds = ds[:even][process_index::process_count]
-    if len(ds) < local_batch:
-      raise ValueError(f"split {split!r} gives each of {process_count} processes {len(ds)} examples, fewer than "
-                       f"one batch of {local_batch}")
-    ds = ds.repeat(num_epochs)
-  else:
-    ds = _apply(ds, transform)[process_index::process_count]
-    # Same number of full batches on every process: pad up to the largest shard, rounded up to whole batches.
-    padded_length = math.ceil(math.ceil(len(source) / process_count) / local_batch) * local_batch
-    pad_element = {"image": np.zeros((cfg["image_size"], cfg["image_size"], 3), np.float32),
-                   "label": np.int32(PAD_LABEL)}
-    if padded_length > len(ds):
-      padding = grain.MapDataset.source([pad_element] * (padded_length - len(ds)))
-      ds = grain.MapDataset.concatenate([ds, padding])
-    if num_epochs is not None and num_epochs > 1:
-      ds = ds.repeat(num_epochs)
+  pad_element = {"image": np.zeros((cfg["image_size"], cfg["image_size"], 3), np.float32),
+                 "label": np.int32(PAD_LABEL)}
+  ds = shard_examples(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
+                      process_index=process_index, process_count=process_count, local_batch=local_batch,
+                      num_epochs=num_epochs, pad_element=pad_element)
 
   # Batching before the threads and workers split the work makes the batches independent of read_threads and
   # num_workers; each thread builds whole batches, and at most read_threads of them wait in the buffer.

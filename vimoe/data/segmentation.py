@@ -355,13 +355,11 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
   one ordered pass; every process yields the same number of full batches, the end padded with all-ignored rows.
   ADE20K evaluation images keep their own sizes, so their batch must hold one image per process.
   """
-  from vimoe.data.images import _process_shard  # pylint: disable=import-outside-toplevel
+  from vimoe.data.images import check_loader_args, shard_examples  # pylint: disable=import-outside-toplevel
   cfg = _resolve(config)
   _check_split(cfg["name"], split)
-  process_index, process_count = _process_shard(process_index, process_count)
-  if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the process count {process_count}")
-  local_batch = batch_size // process_count
+  process_index, process_count, local_batch = check_loader_args(batch_size, seed, num_epochs, process_index,
+                                                                process_count)
   if cfg["name"] == "digit_canvas":
     length = cfg["num_eval_canvases"] if not train else digits.num_examples(split)
     source = list(range(length))
@@ -377,24 +375,10 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
       raise ValueError(f"data.augment=False is not supported for {cfg['name']} training: images differ in size "
                        "and need the random crop to batch")
     pad_shape = (cfg["crop_size"],) * 2
-  ds = grain.MapDataset.source(source).seed(seed)
-  if train:
-    ds = ds.shuffle()
-    ds = ds.random_map(transform) if isinstance(transform, grain.transforms.RandomMap) else ds.map(transform)
-    even = len(ds) - len(ds) % process_count
-    ds = ds[:even][process_index::process_count]
-    if len(ds) < local_batch:
-      raise ValueError(f"split {split!r} gives each of {process_count} processes {len(ds)} examples, fewer than "
-                       f"one batch of {local_batch}")
-    ds = ds.repeat(num_epochs)
-  else:
-    ds = ds.map(transform)[process_index::process_count]
-    padded_length = math.ceil(math.ceil(len(source) / process_count) / local_batch) * local_batch
-    pad = {"image": np.zeros(pad_shape + (3,), np.float32), "label": np.full(pad_shape, IGNORE_LABEL, np.int32)}
-    if padded_length > len(ds):
-      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad] * (padded_length - len(ds)))])
-    if num_epochs is not None and num_epochs > 1:
-      ds = ds.repeat(num_epochs)
+  pad = {"image": np.zeros(pad_shape + (3,), np.float32), "label": np.full(pad_shape, IGNORE_LABEL, np.int32)}
+  ds = shard_examples(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
+                      process_index=process_index, process_count=process_count, local_batch=local_batch,
+                      num_epochs=num_epochs, pad_element=pad)
   ds = ds.batch(local_batch, drop_remainder=train)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg["name"] == "digit_canvas" else 8,
                                                  prefetch_buffer_size=0 if cfg["name"] == "digit_canvas" else 8))

@@ -54,7 +54,7 @@ import grain
 import numpy as np
 
 from vimoe.data.imagenet import DataNotPreparedError
-from vimoe.data.images import _ensure_absl_flags_parsed, _process_shard
+from vimoe.data.images import _ensure_absl_flags_parsed, check_loader_args
 
 NAMES = ("shakespeare", "lm1b")
 TOKENIZERS = ("bytes", "sentencepiece")
@@ -399,17 +399,11 @@ def build_text_dataset(config, split: str, *, batch_size: int, seed: int, train:
     process_index, process_count: this process's shard; default jax.process_index() / jax.process_count().
   """
   cfg = _resolve(config)
-  process_index, process_count = _process_shard(process_index, process_count)
-  if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a positive multiple of the process count {process_count}")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed={seed} must be in [0, 2**32)")
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs={num_epochs} must be positive or None")
+  process_index, process_count, local_batch = check_loader_args(batch_size, seed, num_epochs, process_index,
+                                                                process_count)
   name, T = cfg["name"], cfg["seq_len"]
   _check_split(name, split)
   tokenizer = get_tokenizer(cfg)
-  local_batch = batch_size // process_count
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
   if train and name == "shakespeare":
