@@ -144,8 +144,12 @@ def test_print_commands_parse_back_to_the_same_configs(tmp_path, tmp_path_factor
   assert "train[:50%] it's \"quoted\"" in shlex.split(lines[0])[-3]
   assert shlex.split(lines[2])[-1] == "--config.optim.total_steps=11"
   # A key that is None in get_config cannot be set by a config flag: refused with the key named.
-  with pytest.raises(ValueError, match=r"sweep key 'model.moe.capacity_factor' is None in get_config"):
-    sweep.train_commands(f"{config}:9", root, [{"model.moe.capacity_factor": 1.5}], base_config=module.get_config(9))
+  with pytest.raises(ValueError, match=r"sweep key 'model.layerscale_init' is None in get_config"):
+    sweep.train_commands(f"{config}:9", root, [{"model.layerscale_init": 1e-5}], base_config=module.get_config(9))
+  # A typed placeholder (capacity_factor in the quickstart config) can be set.
+  command, = sweep.train_commands(f"{config}:9", root, [{"model.moe.capacity_factor": 1.5}],
+                                  base_config=module.get_config(9))
+  assert shlex.split(command)[-1] == "--config.model.moe.capacity_factor=1.5"
 
 
 def write_point(root, name, overrides, evaluations):
