@@ -3,7 +3,6 @@
 the routing-analysis notebook then analyses that workdir. Each must run without error, print its metric and draw
 its figures. The stored notebooks carry no outputs."""
 
-import os
 import pathlib
 
 import nbformat
@@ -14,22 +13,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def subprocess_env(tmp_path_factory) -> dict:
-  """Environment for the processes a test starts: CPU, no progress bars, and one persistent XLA compilation cache
-  for the whole pytest session (every process builds the same tiny model; a warm cache cuts each start-up's
-  compilations, about 25 s of a 35 s tiny run here, to almost nothing)."""
-  cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-  return dict(os.environ, VIMOE_NO_PROGRESS="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def execute(name: str, parameters: dict, monkeypatch, tmp_path_factory) -> nbformat.NotebookNode:
+def execute(name: str, parameters: dict, monkeypatch, subprocess_env: dict) -> nbformat.NotebookNode:
   """Runs notebooks/<name> in a fresh kernel with `parameters` injected after its parameters cell."""
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
   index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
   source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
   notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-  for key, value in subprocess_env(tmp_path_factory).items():  # the kernel inherits this environment
+  for key, value in subprocess_env.items():  # the kernel inherits this environment
     monkeypatch.setenv(key, value)
   NotebookClient(notebook, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
@@ -57,10 +47,10 @@ def test_notebooks_are_stored_without_outputs(name):
   assert sum("parameters" in cell.metadata.get("tags", []) for cell in code) == 1
 
 
-def test_quickstart_then_routing_analysis_notebooks(tmp_path, monkeypatch, tmp_path_factory):
+def test_quickstart_then_routing_analysis_notebooks(tmp_path, monkeypatch, subprocess_env):
   workdir = str(tmp_path / "quickstart")
   quickstart = execute("quickstart.ipynb", {"SMALL": True, "TOTAL_STEPS": 3, "WORKDIR": workdir}, monkeypatch,
-                       tmp_path_factory)
+                       subprocess_env)
   text = printed(quickstart)
   assert "backend: cpu" in text and "mesh: none (one device)" in text
   assert "held-out: {'eval/top1':" in text
@@ -68,7 +58,7 @@ def test_quickstart_then_routing_analysis_notebooks(tmp_path, monkeypatch, tmp_p
   assert (tmp_path / "quickstart" / "checkpoints" / "3").is_dir()
 
   analysis = execute("routing_analysis.ipynb", {"WORKDIR": workdir, "MAX_BATCHES": 2}, monkeypatch,
-                     tmp_path_factory)
+                     subprocess_env)
   text = printed(analysis)
   # The SMALL model: 2 blocks, both MoE (last:2), 8 experts top-1 -> D = 8^2 = 64; 2 batches of 128 digits.
   assert "step 3: 256 images, 10 classes, 8 experts (top-1), MoE layers 'last:2'" in text and "D = 64" in text

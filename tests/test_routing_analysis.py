@@ -3,7 +3,6 @@ worked by hand; the layer advice; patch majority labels; scripts/analyze_routing
 
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -125,19 +124,10 @@ def test_patch_majority_labels():
   np.testing.assert_array_equal(routing.patch_majority_labels(tie, 2, (1, 1)), [[[1]]])
 
 
-def subprocess_env(tmp_path_factory) -> dict:
-  """Environment for the processes a test starts: CPU, no progress bars, and one persistent XLA compilation cache
-  for the whole pytest session (every process builds the same tiny model; a warm cache cuts each start-up's
-  compilations, about 25 s of a 35 s tiny run here, to almost nothing)."""
-  cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-  return dict(os.environ, VIMOE_NO_PROGRESS="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def test_analyze_routing_script_on_a_trained_workdir(tmp_path, tmp_path_factory):
+def test_analyze_routing_script_on_a_trained_workdir(tmp_path, subprocess_env):
   from tests.test_trainer import TINY
   workdir = tmp_path / "run"
-  env = subprocess_env(tmp_path_factory)
+  env = subprocess_env
   train = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.py"),
            "--workdir", str(workdir), "--config.total_steps=3", "--config.eval_every=3", "--config.checkpoint_every=3",
            *TINY]

@@ -4,7 +4,6 @@ flags) to the same configs; --collect gives the hand-computed table from hand-wr
 
 import csv
 import json
-import os
 import pathlib
 import shlex
 import signal
@@ -59,26 +58,17 @@ def get_sweep(arg=None):
 '''
 
 
-def subprocess_env(tmp_path_factory) -> dict:
-  """Environment for the processes a test starts: CPU, no progress bars, and one persistent XLA compilation cache
-  for the whole pytest session (every process builds the same tiny model; a warm cache cuts each start-up's
-  compilations, about 25 s of a 35 s tiny run here, to almost nothing)."""
-  cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-  return dict(os.environ, VIMOE_NO_PROGRESS="1", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def sweep_command(config, root, *extra):
   return [sys.executable, str(ROOT / "scripts" / "sweep.py"), "--config", str(config), "--workdir", str(root),
           *extra]
 
 
-def test_killed_sweep_continues_without_redoing_finished_points(tmp_path, tmp_path_factory):
+def test_killed_sweep_continues_without_redoing_finished_points(tmp_path, subprocess_env):
   config = tmp_path / "tiny_sweep.py"
   config.write_text(TINY_SWEEP)
   root = tmp_path / "sweep"
   first, bad, half = "layers=last_1,seed=0", "layers=last_1,k=99", "layers=last_2,seed=1"
-  env = subprocess_env(tmp_path_factory)
+  env = subprocess_env
   process = subprocess.Popen(sweep_command(config, root), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 400
@@ -112,13 +102,13 @@ def test_killed_sweep_continues_without_redoing_finished_points(tmp_path, tmp_pa
   assert json.loads((root / half / "config.json").read_text())["model"]["moe"]["layers"] == "last:2"
 
 
-def test_print_commands_parse_back_to_the_same_configs(tmp_path, tmp_path_factory):
+def test_print_commands_parse_back_to_the_same_configs(tmp_path, subprocess_env):
   config = tmp_path / "awkward_sweep.py"
   config.write_text(AWKWARD_SWEEP)
   root = tmp_path / "runs dir"  # a space in the workdir too
   result = subprocess.run(sweep_command(f"{config}:9", root, "--print-commands", "--config.total_steps=7",
                                         "--config.model.moe.num_experts=4"),
-                          env=subprocess_env(tmp_path_factory), capture_output=True, text=True, timeout=300,
+                          env=subprocess_env, capture_output=True, text=True, timeout=300,
                           check=True)
   lines = result.stdout.strip().splitlines()
   module = sweep.load_config_module(config)
