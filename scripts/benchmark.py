@@ -9,11 +9,20 @@ same active compute (hidden width k*H), their ratio, the compiled peak memory an
 docs/benchmarks.md by hand, with the command and the machine.
 `vit`: train-step time (forward, backward, AdamW update) of ViMoE-S/14 (MoE in the last 2 blocks, N=8, top-1,
 per-image routing, one shared expert) against the dense DINOv2 ViT-S/14, images/s and compiled peak memory.
+
+    python scripts/benchmark.py trainer [--config configs/quickstart.py --steps 60 --window 10 --set model.depth=2]
+
+`trainer`: the trainer loop's time per step (vimoe.train.train_and_evaluate: data loading, the step, the loop's
+bookkeeping, as a run does it) against the bare compiled train step on the same batches (pre-loaded on the
+device, one `jax.jit` call per step, no Python between calls), both in this process. Times are per window of
+`--window` steps (the trainer's: from its own metrics.jsonl, `train/examples_per_sec` of each logging window; the
+first window, which compiles, is dropped); ratio = trainer / bare, of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -154,6 +163,75 @@ def bench_vit(args):
           f"{ms:.0f} | {ms / base:.3f} | {args.batch / ms * 1e3:.1f} | {peak_memory_mb(compiled):.0f} |", flush=True)
 
 
+def bench_trainer(args):
+  import json
+  import pathlib
+  import statistics
+  import tempfile
+  from ml_collections import config_flags
+  from absl import flags as absl_flags
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+  os.environ["VIMOE_NO_PROGRESS"] = "1"  # no progress bar: the loop itself is measured
+  from vimoe.train import trainer
+
+  # The config exactly as scripts/train.py would see it with the same --config.KEY=VALUE overrides.
+  windows = 1 + args.steps // args.window
+  total = windows * args.window
+  overrides = [f"--config.{item}" for item in args.set] + [
+      f"--config.total_steps={total}", f"--config.log_every={args.window}", f"--config.eval_every={total}",
+      f"--config.checkpoint_every={total}"]
+  argv = ["benchmark", f"--config={args.config}", *overrides]
+  flag_values = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  print(f"# {args.config} {' '.join(overrides)}: batch {config.batch_size}, {total} steps "
+        f"({windows} windows of {args.window}, the first dropped)", flush=True)
+
+  # The bare step: the same task loss and optimizer update, jitted over the split (model, optimizer) state with
+  # the state donated, on the batches the trainer's data pipeline yields (loaded and placed beforehand).
+  task, model, optimizer = trainer.build(config)
+  data = iter(task.build_data(config, config.data.train_split, train=True, seed=config.seed,
+                              batch_size=config.batch_size))
+  batches = [jax.device_put(next(data)) for _ in range(total)]
+  graphdef, state = nnx.split((model, optimizer))
+
+  def bare_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config), argnums=nnx.DiffState(0, optimizer.wrt),
+                                 has_aux=True)
+    (_, metrics), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics["train/loss"]
+
+  bare_step = jax.jit(bare_step, donate_argnums=0)
+
+  def time_bare(state):
+    per_step = []
+    for w in range(windows):
+      start = time.perf_counter()
+      for batch in batches[w * args.window:(w + 1) * args.window]:
+        state, loss = bare_step(state, batch)
+      jax.block_until_ready((state, loss))
+      per_step.append((time.perf_counter() - start) / args.window * 1e3)
+    return state, per_step[1:]
+
+  state, bare_before = time_bare(state)
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer.train_and_evaluate(config, workdir)
+    lines = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  trained = [config.batch_size / line["train/examples_per_sec"] * 1e3 for line in lines
+             if "train/examples_per_sec" in line][1:]
+  state, bare_after = time_bare(state)
+  bare = bare_before + bare_after
+  med = statistics.median
+  print("| trainer ms/step (median, min) | bare step ms/step (median, min) | ratio (medians) | ratio (minima) |\n"
+        "|---|---|---|---|")
+  print(f"| {med(trained):.1f}, {min(trained):.1f} | {med(bare):.1f}, {min(bare):.1f} | "
+        f"{med(trained) / med(bare):.3f} | {min(trained) / min(bare):.3f} |", flush=True)
+  return med(trained) / med(bare)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="what", required=True)
@@ -173,6 +251,12 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--repeats", type=int, default=3)
+  p = sub.add_parser("trainer", help="the trainer loop's time per step vs the bare compiled step")
+  p.add_argument("--config", default="configs/quickstart.py")
+  p.add_argument("--steps", type=int, default=60, help="timed steps (after one compiling window)")
+  p.add_argument("--window", type=int, default=10, help="steps per timing window (the trainer's log_every)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override, as --config.KEY=VALUE of scripts/train.py (repeatable)")
   args = parser.parse_args(argv)
   print(f"# {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
         f"jax {jax.__version__}, {len(jax.devices())} device(s)")
@@ -181,6 +265,8 @@ def main(argv=None):
     bench_moe(args)
   elif args.what == "vit":
     bench_vit(args)
+  elif args.what == "trainer":
+    bench_trainer(args)
 
 
 if __name__ == "__main__":
