@@ -269,7 +269,8 @@ def test_initialisation_and_stochastic_depth():
   assert not params["blocks.0.mlp.fc1.bias"].any() and np.all(params["norm.scale"] == 1)
   assert 0.015 < params["pos_embed"].std() < 0.025 and 0.015 < params["blocks.0.attn.qkv.kernel"].std() < 0.025
   experts = params["blocks.1.mlp.experts.w_in"]                      # [E, D, H]
-  assert not np.allclose(experts[0], experts[1]) and 0.1 < experts.std() < 0.25  # fan-in 32: std ~1/sqrt(32)
+  # Experts are initialised like the dense MLP they replace (truncated normal 0.02: std 0.02 * 0.88 = 0.0176).
+  assert not np.allclose(experts[0], experts[1]) and 0.015 < experts.std() < 0.02
   images = jnp.asarray(np.random.RandomState(0).randn(8, 16, 16, 3), jnp.float32)
   encode = nnx.jit(lambda m, x, deterministic: m.encode(x, deterministic=deterministic),
                    static_argnames="deterministic")
@@ -279,6 +280,36 @@ def test_initialisation_and_stochastic_depth():
   np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
   assert not np.allclose(np.asarray(train), np.asarray(eval_a))      # stochastic depth only when training
   assert sorted(aux["metrics"]) == ["block1"] and aux["losses"] == {}  # no loss weight set
+
+
+@pytest.mark.parametrize("activation", ["gelu_exact", "swiglu"])
+def test_experts_start_at_the_dense_mlp_scale(activation):
+  """Issue 12, defect 1: at initialisation every routed and shared expert's output has the scale of the dense MLP
+  it replaces (before the fix the experts used fan-in scaling: ~30x the dense branch at D=96)."""
+  config = dict(image_size=16, patch_size=4, dim=96, depth=2, num_heads=3, mlp_dim=192, num_classes=10,
+                mlp_activation=activation,
+                moe=dict(layers="last:1", num_experts=8, num_shared_experts=1, dispatch="gather",
+                         capacity_factor=None))
+  model = build_vit(config, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.RandomState(0).randn(256, 96), jnp.float32)   # LayerNorm output: unit variance
+  rms = lambda y: float(np.sqrt(np.mean(np.square(np.asarray(y)))))
+  dense = rms(model.blocks[0].mlp(x))
+  # Independent scale: y = act(x W1) W2 with W ~ N(0, s^2), |x|^2 = D: E[y^2] = H s^2 E[act(h)^2],
+  # h ~ N(0, D s^2), s = 0.02 * 0.8796 (std of a normal truncated at 2 sigma); checked by Monte Carlo below.
+  s = 0.02 * 0.8796
+  h = np.random.RandomState(1).randn(200_000) * np.sqrt(96) * s
+  if activation == "gelu_exact":
+    act_sq = np.mean((0.5 * h * (1 + erf(h / np.sqrt(2)))) ** 2)
+  else:  # silu(gate) * h with an independent gate
+    g = np.random.RandomState(2).randn(200_000) * np.sqrt(96) * s
+    act_sq = np.mean((g / (1 + np.exp(-g)) * h) ** 2)
+  expected = np.sqrt(192 * s * s * act_sq)
+  assert 0.8 < dense / expected < 1.25, (dense, expected)
+  layer = model.blocks[1].mlp
+  routed = layer.experts(jnp.broadcast_to(x, (8, 256, 96)))                       # [E, N, D], expert e on x
+  for e in range(8):
+    assert 0.75 < rms(routed[e]) / dense < 1.33, (e, rms(routed[e]), dense)
+  assert 0.75 < rms(layer.shared.apply_all(x)) / dense < 1.33
 
 
 def test_dense_model_has_empty_aux():

@@ -422,7 +422,7 @@ class Block(nnx.Module):
           num_shared_experts=m.num_shared_experts, normalize_gates=m.normalize_gates,
           activation=config.mlp_activation, batch_priority=m.batch_priority, slots_per_expert=m.slots_per_expert,
           importance_weight=m.importance_weight, load_weight=m.load_weight, balance_weight=m.balance_weight,
-          z_loss_weight=m.z_loss_weight, rngs=rngs)
+          z_loss_weight=m.z_loss_weight, expert_kernel_init=_linear_init, rngs=rngs)
     else:
       self.mlp = Mlp(D, config.mlp_dim, config.mlp_activation, dtype=dtype, rngs=rngs)
     self.ls2 = LayerScale(D, config.layerscale_init) if config.layerscale_init is not None else None

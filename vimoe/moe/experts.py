@@ -18,8 +18,11 @@ from flax import nnx
 # DINOv2 uses, so experts upcycled from a DINOv2 MLP compute exactly what the dense MLP did.
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "prelu", "swiglu")
 
-# Expert weights are [E, fan_in, fan_out]: the fan-in axis is -2, the leading axis is the expert (batch) axis.
-_kernel_init = jax.nn.initializers.variance_scaling(
+# Default expert kernel initialiser. Expert weights are [E, fan_in, fan_out]: the fan-in axis is -2, the leading
+# axis is the expert (batch) axis. A model that hosts MoE layers in place of its own dense MLPs passes the dense
+# MLP's initialiser instead (`kernel_init=`), so that replacing an MLP by experts does not change the initial
+# scale of the residual branch (the ViT does: truncated normal, std 0.02).
+default_kernel_init = jax.nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
@@ -55,20 +58,22 @@ class Experts(nnx.Module):
   """`num_experts` MLPs whose weights are stacked on a leading expert axis.
 
   Parameters: `w_in` [E, D, H], `b_in` [E, H], `w_out` [E, H, D], `b_out` [E, D]; plus `w_gate` [E, D, H] for
-  "swiglu" and `slope` [E, H] for "prelu".
+  "swiglu" and `slope` [E, H] for "prelu". `kernel_init` (a `jax.nn.initializers` function, called with the
+  stacked [E, fan_in, fan_out] shape) initialises w_in, w_out and w_gate; biases start at zero.
   """
 
   def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
-               rngs: nnx.Rngs, param_dtype=jnp.float32):
+               rngs: nnx.Rngs, param_dtype=jnp.float32, kernel_init=None):
     check_activation(activation)
     self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
     E, D, H = num_experts, dim, hidden_dim
-    self.w_in = nnx.Param(_kernel_init(rngs.params(), (E, D, H), param_dtype))
+    init = default_kernel_init if kernel_init is None else kernel_init
+    self.w_in = nnx.Param(init(rngs.params(), (E, D, H), param_dtype))
     self.b_in = nnx.Param(jnp.zeros((E, H), param_dtype))
-    self.w_out = nnx.Param(_kernel_init(rngs.params(), (E, H, D), param_dtype))
+    self.w_out = nnx.Param(init(rngs.params(), (E, H, D), param_dtype))
     self.b_out = nnx.Param(jnp.zeros((E, D), param_dtype))
     if activation == "swiglu":
-      self.w_gate = nnx.Param(_kernel_init(rngs.params(), (E, D, H), param_dtype))
+      self.w_gate = nnx.Param(init(rngs.params(), (E, D, H), param_dtype))
     if activation == "prelu":
       self.slope = nnx.Param(jnp.full((E, H), 0.25, param_dtype))  # He et al. 2015 initial slope
 

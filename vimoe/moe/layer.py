@@ -219,6 +219,9 @@ class MoeLayer(nnx.Module):
     importance_weight, load_weight: Shazeer 2017 losses (load only for noisy_top_k).
     balance_weight: Switch/GShard balance loss; z_loss_weight: router z-loss.
     block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
+    expert_kernel_init: initialiser of the routed and shared experts' kernels (None: variance scaling over
+      fan-in). A model that puts this layer where it has a dense MLP passes that MLP's initialiser, so that the
+      residual branch starts at the dense model's scale (the ViT passes truncated normal, std 0.02).
   """
 
   def __init__(self, dim: int, hidden_dim: int, num_experts: int, k: int = 1, *, router: str = "top_k",
@@ -227,7 +230,7 @@ class MoeLayer(nnx.Module):
                activation: str = "gelu", batch_priority: bool = False, causal: bool = False,
                slots_per_expert: int = 1, importance_weight: float = 0.0, load_weight: float = 0.0,
                balance_weight: float = 0.0, z_loss_weight: float = 0.0, block_size: int | None = None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, expert_kernel_init=None, rngs: nnx.Rngs):
     validate_moe_args(num_experts=num_experts, k=k, router=router, capacity_factor=capacity_factor,
                       dispatch=dispatch, route_per=route_per, num_shared_experts=num_shared_experts,
                       activation=activation, batch_priority=batch_priority, causal=causal, group_size=group_size,
@@ -242,10 +245,11 @@ class MoeLayer(nnx.Module):
                          ("z_loss", z_loss_weight))
     self.router = Router(dim, num_experts, router, slots_per_expert=slots_per_expert, rngs=rngs)
     self.experts = Experts(num_experts, dim, hidden_dim, activation=activation, rngs=rngs,
-                           param_dtype=param_dtype)
+                           param_dtype=param_dtype, kernel_init=expert_kernel_init)
     self.num_shared_experts = num_shared_experts
     self.shared = (Experts(num_shared_experts, dim, hidden_dim, activation=activation, rngs=rngs,
-                           param_dtype=param_dtype) if num_shared_experts else None)
+                           param_dtype=param_dtype, kernel_init=expert_kernel_init)
+                   if num_shared_experts else None)
 
   # -- grouping ------------------------------------------------------------------------------------------------
   def _units(self, x, router_input, token_ids):
