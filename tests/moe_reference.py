@@ -191,7 +191,11 @@ def moe_reference(x, params, *, num_experts, k, router="top_k", capacity_factor=
     # second choice. A choice is kept while its expert has fewer than C earlier kept choices in this group.
     order = list(range(len(group)))
     if batch_priority:
-      order = sorted(order, key=lambda u: -choices[u][0][1])   # Python's sort is stable
+      # V-MoE's priority: the top-1 router probability max_e softmax(logits)_e, whatever the gate normalisation
+      # (a renormalised k=1 gate is always 1). Hash routing has no probabilities: position order.
+      top1 = [1.0 if router == "hash" else softmax(router_logits(params, router, feature)).max()
+              for feature, _, _ in group]
+      order = sorted(order, key=lambda u: -top1[u])   # Python's sort is stable
     filled = np.zeros(E, int)
     kept = np.zeros((len(group), len(choices[0])), bool)
     for rank in range(len(choices[0])):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from layer_setup import B, D, E, T, build_layer, forward, random_input
 from moe_reference import capacity_of, layer_params, moe_reference, reference_metrics
@@ -140,6 +141,35 @@ def test_batch_priority(k):
   x = random_input(9)
   layer = build_layer(9, **cfg)
   _, positional = moe_reference(x, layer_params(layer), num_experts=E, k=k, capacity_factor=0.5)
+  assert info["kept"] != positional["kept"]
+
+
+@pytest.mark.parametrize("router,normalize_gates", [("top_k", True), ("noisy_top_k", False)])
+def test_batch_priority_orders_by_the_top1_probability(router, normalize_gates):
+  """Issue 12, defect 3: at k=1 a renormalised gate (and Shazeer's softmax over the kept logit) is 1.0 for every
+  token; the priority must still be the top-1 router probability (V-MoE). Three tokens with top-1 probabilities
+  .6/.9/.7 for expert 0 and capacity 1: the .9 token (the second) is kept, not the first."""
+  p0 = np.array([0.6, 0.9, 0.7])
+  probs = np.stack([p0, (1 - p0) / 2, (1 - p0) / 2], axis=-1)          # [3 tokens, 3 experts]
+  x = jnp.asarray(np.log(probs)[None], jnp.float32)                     # [1, 3, D=3]: logits = x @ I = log probs
+  layer = moe.MoeLayer(3, 4, 3, 1, router=router, normalize_gates=normalize_gates, batch_priority=True,
+                       capacity_factor=1.0, dispatch="gather", rngs=nnx.Rngs(0))     # C = ceil(3 * 1 / 3) = 1
+  layer.router.kernel[...] = jnp.eye(3, dtype=jnp.float32)
+  y, aux = layer(x, deterministic=True)
+  expert0 = np.asarray(layer.experts(jnp.broadcast_to(x[0], (3, 3, 3)))[0])   # expert 0 applied to every token
+  np.testing.assert_allclose(np.asarray(y[0, 1]), expert0[1], atol=1e-6)     # gate 1.0
+  np.testing.assert_allclose(np.asarray(y[0, [0, 2]]), 0.0, atol=1e-6)       # dropped: no shared expert, zero
+  np.testing.assert_allclose(float(aux.metrics["dropped_fraction"]), 2 / 3, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["top_k", "prototype"])
+def test_batch_priority_with_normalized_gates_against_the_loop(router):
+  # k=1, renormalised gates (all 1.0), capacity C = ceil(1*8*0.5/4) = 1: the loop orders by top-1 probability.
+  cfg = dict(router=router, k=1, capacity_factor=0.5, batch_priority=True, normalize_gates=True)
+  info = check_against_reference(cfg, seed=12, expect_drops=True)
+  x = random_input(12)
+  _, positional = moe_reference(x, layer_params(build_layer(12, **cfg)), num_experts=E, k=1, router=router,
+                                capacity_factor=0.5, normalize_gates=True)
   assert info["kept"] != positional["kept"]
 
 

@@ -365,24 +365,30 @@ class MoeLayer(nnx.Module):
                                                                 jnp.argmax(probs, -1).reshape(-1)),
                  **losses_lib.load_metrics(counts)}
     else:
+      # Batch Priority Routing orders tokens by their top-1 router probability (V-MoE), not by the gate: a
+      # renormalised k=1 gate (or Shazeer's softmax over the kept logits) is 1 for every token.
       if kind == "top_k":
         logits = features @ self.router.kernel[...]
         expert_index, gates, probs = routing.top_k_gating(logits, K, self.normalize_gates)
+        top1_probability = jnp.max(probs, -1)
       elif kind == "prototype":
         logits = routing.prototype_logits(features, self.router.kernel[...])
         expert_index, gates, probs = routing.top_k_gating(logits, K, self.normalize_gates)
+        top1_probability = jnp.max(probs, -1)
       elif kind == "noisy_top_k":
         clean, noise_std, noise = self.router.noisy_logits(features, deterministic)
         expert_index, gates, noisy = routing.noisy_top_k_gating(clean, noise_std, noise, K)
         load_probability = routing.shazeer_load_probability(clean, noise_std, noisy, K)
         logits, probs = clean, jax.nn.softmax(clean, -1)
+        top1_probability = jnp.max(jax.nn.softmax(noisy, -1), -1)
         extra_metrics["load_loss"] = losses_lib.load_loss(load_probability.reshape(-1, E))
         extra_metrics["smooth_load_cv"] = losses_lib.coefficient_of_variation(
             jnp.sum(load_probability.reshape(-1, E), 0))
       else:  # hash
         expert_index = routing.hash_expert_index(ids, E)
         gates = jnp.ones(expert_index.shape, jnp.float32)
-      priority = gates[..., 0] if self.batch_priority else None
+        top1_probability = gates[..., 0]                          # no router: ties, so position order
+      priority = top1_probability if self.batch_priority else None
       assignment = routing.assign_slots(expert_index, gates, E, capacity, priority)
       metrics = _token_choice_aux(probs, logits, expert_index, gates, assignment.kept, E)
       metrics.update(extra_metrics)
