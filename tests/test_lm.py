@@ -78,6 +78,14 @@ MODELS = {
                                                                   capacity_factor=0.5)),
     "umoe_pre": dict(UMOE, moe=MOE),
     "umoe_post": dict(UMOE, umoe_mixing="post", max_length=8, moe=MOE),
+    # With a capacity the UMoE attention (and its FFN) must route one expert per token (issue 12, defect 2).
+    "umoe_pre_gather_capacity_k1": dict(UMOE, umoe_attn_k=1,
+                                        moe=dict(MOE, k=1, dispatch="gather", capacity_factor=0.5)),
+    "umoe_pre_einsum_capacity_k1": dict(UMOE, umoe_attn_k=1,
+                                        moe=dict(MOE, k=1, dispatch="einsum", capacity_factor=0.5)),
+    "umoe_post_capacity_k1": dict(UMOE, umoe_mixing="post", umoe_attn_k=2,
+                                  moe=dict(MOE, k=1, dispatch="einsum", capacity_factor=0.5)),
+    "umoe_pre_attn_k1_dropless": dict(UMOE, umoe_attn_k=1, moe=MOE),
 }
 B, T = 2, 12                             # every forward pass has this shape: one XLA compile per model
 
@@ -108,6 +116,9 @@ def test_changing_a_token_never_changes_earlier_logits(name):
   if name.startswith("umoe"):
     assert set(aux["metrics"]) == {"block0", "block0_attn", "block1", "block1_attn"}
     assert set(aux["losses"]) == {"balance", "attn_balance"}
+    attn_dropped = float(aux["metrics"]["block1_attn"]["dropped_fraction"])
+    # The pre-mixing attention with a capacity does drop units (post-mixing has no capacity).
+    assert attn_dropped > 0.05 if name.startswith("umoe_pre") and "capacity" in name else abs(attn_dropped) < 1e-6
 
 
 # -- UMoE attention is multi-head attention when its experts are linear --------------------------------------------
@@ -257,6 +268,11 @@ def test_tied_embeddings_share_one_parameter():
     (dict(TINY, name="transformer", umoe_mixing="pre"), "model.umoe_mixing only apply to model.name='umoe'"),
     (dict(UMOE, umoe_mixing="mid"), "model.umoe_mixing='mid' is not valid"),
     (dict(UMOE, umoe_attn_k=9), "model.umoe_attn_k=9 must be an integer in [1, model.moe.num_experts=8]"),
+    # Issue 12, defect 2: the FFN's k=1 allows a capacity, but the attention's umoe_attn_k=2 does not.
+    (dict(UMOE, umoe_attn_k=2, moe=dict(k=1, capacity_factor=0.5, dispatch="gather")),
+     "model.moe.capacity_factor=0.5 with model.umoe_attn_k=2"),
+    (dict(UMOE, umoe_attn_k=2, moe=dict(k=1, capacity_factor=0.5, dispatch="einsum")),
+     "model.moe.capacity_factor=0.5 with model.umoe_attn_k=2"),
     (dict(UMOE, moe=dict(layers="none")), "model.moe.layers='none' selects no block"),
     (dict(TINY, name="transformer", positions="alibi"), "model.positions='alibi' is not valid"),
     (dict(TINY, name="transformer", num_heads=3), "model.num_heads=3 must divide model.dim=16"),

@@ -224,6 +224,14 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     attn_k = resolved.get("umoe_attn_k", 2)
     if not isinstance(attn_k, (int, np.integer)) or not 1 <= attn_k <= E:
       raise ValueError(f"{prefix}umoe_attn_k={attn_k!r} must be an integer in [1, {prefix}moe.num_experts={E}]")
+    mixing = resolved.get("umoe_mixing", "pre")
+    if mixing == "pre" and attn_k > 1 and moe_config.capacity_factor is not None:
+      # The attention's routed units are served all first choices before any second choice (as in MoeLayer),
+      # so a later token's first choice could push out an earlier token's second choice: not causal.
+      raise ValueError(f"{prefix}moe.capacity_factor={moe_config.capacity_factor!r} with {prefix}umoe_attn_k="
+                       f"{attn_k} (UMoE pre-mixing attention in a decoder): later tokens could drop earlier tokens' "
+                       f"second choices (not causal); use {prefix}moe.capacity_factor=None (dropless) or "
+                       f"{prefix}umoe_attn_k=1")
     rank = resolved.get("umoe_query_rank", 16)
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
       raise ValueError(f"{prefix}umoe_query_rank={rank!r} must be an integer >= 0 (0: no per-expert query term)")
