@@ -54,5 +54,5 @@ def base_config(*, moe_layers: str = "none", head: str = "linear", steps: int = 
       lr=lr, min_lr_ratio=0.0, warmup_steps=1500, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=1.0,
       layer_decay=layer_decay))
   config.optim.total_steps = total_steps
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
   return config

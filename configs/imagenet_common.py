@@ -49,5 +49,5 @@ def base_config(*, variant: str, epochs: int, batch_size: int = 1024, lr: float 
       lr=lr * batch_size / 1024, min_lr_ratio=0.01, warmup_steps=warmup_epochs * steps_per_epoch,
       weight_decay=weight_decay, b1=0.9, b2=0.999, grad_clip_norm=1.0, layer_decay=layer_decay))
   config.optim.total_steps = total_steps
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
   return config

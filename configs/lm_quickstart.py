@@ -15,6 +15,7 @@ measured numbers in docs/results.md.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -47,7 +48,7 @@ def get_config(arg=None):
       normalize_gates=True, balance_weight=0.01, z_loss_weight=0.001, importance_weight=0.0, load_weight=0.0))
 
   # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
 
   config.optim = ml_collections.ConfigDict(dict(
       lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0,

@@ -46,8 +46,10 @@ def base_config(*, moe: dict, dropout: float, arg=None):
 
   spm_model = str(arg) if arg else None
   config.data = ml_collections.ConfigDict(dict(
-      name="lm1b", seq_len=256, tokenizer="sentencepiece" if spm_model else "bytes", spm_model=spm_model,
-      data_dir=None, train_split="train", eval_split="test", max_eval_batches=None, num_workers=0))
+      name="lm1b", seq_len=256, tokenizer="sentencepiece" if spm_model else "bytes",
+      spm_model=spm_model if spm_model else placeholder(str),
+      data_dir=placeholder(str), train_split="train", eval_split="test", max_eval_batches=placeholder(int),
+      num_workers=0))
 
   config.model = ml_collections.ConfigDict(dict(
       name="lstm_moe", vocab_size=32_000 if spm_model else 256, dim=512, dropout=dropout, forget_bias=1.0))
@@ -56,7 +58,7 @@ def base_config(*, moe: dict, dropout: float, arg=None):
       group_size=placeholder(int), **moe))
 
   # Sizes None are inferred (vimoe.parallel.make_mesh) when there is more than one device.
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
 
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, min_lr_ratio=0.01, warmup_steps=1000, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=1.0,

@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.label_smoothing = 0.0
 
   config.data = ml_collections.ConfigDict(dict(
-      name="shakespeare", seq_len=128, tokenizer="bytes", spm_model=None, data_dir=None, train_split="train",
+      name="shakespeare", seq_len=128, tokenizer="bytes", spm_model=placeholder(str), data_dir=placeholder(str), train_split="train",
       eval_split="validation", max_eval_batches=16, num_workers=0))
 
   config.model = ml_collections.ConfigDict(dict(
@@ -43,7 +43,7 @@ def get_config(arg=None):
       capacity_factor=placeholder(float), dispatch="gather", group_size=placeholder(int)))
 
   # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
 
   config.optim = ml_collections.ConfigDict(dict(
       lr=3e-3, min_lr_ratio=0.05, warmup_steps=50, weight_decay=0.0, b1=0.9, b2=0.999, grad_clip_norm=1.0,

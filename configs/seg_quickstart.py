@@ -47,7 +47,7 @@ def get_config(arg=None):
       balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
   config.model.head = ml_collections.ConfigDict(dict(kind="linear", freeze_backbone=False, dropout=0.0))
 
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
   config.optim = ml_collections.ConfigDict(dict(
       lr=1.5e-3, min_lr_ratio=0.01, warmup_steps=100, weight_decay=0.05, b1=0.9, b2=0.999, grad_clip_norm=1.0,
       layer_decay=1.0))

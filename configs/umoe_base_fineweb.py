@@ -27,6 +27,7 @@ one end-of-text token after each document, and hold out a slice of documents (e.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -60,7 +61,7 @@ def get_config(arg=None):
       normalize_gates=False, balance_weight=0.001, z_loss_weight=0.0, importance_weight=0.0, load_weight=0.0))
 
   # Experts split over 'expert', batches over ('data', 'expert'); sizes None are inferred from the devices.
-  config.mesh = ml_collections.ConfigDict(dict(data=None, expert=None))
+  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
 
   config.optim = ml_collections.ConfigDict(dict(
       lr=4e-4, min_lr_ratio=0.1, warmup_steps=2_000, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0,
