@@ -94,7 +94,7 @@ from flax import nnx
 
 from vimoe import moe
 from vimoe.moe import routing
-from vimoe.moe.layer import _token_choice_aux, routing_capacity, run_experts
+from vimoe.moe.layer import token_choice_metrics, routing_capacity, run_experts
 from vimoe.models.vit import DTYPES, _as_dict, _check_keys, _positive_int, parse_moe_layers
 
 NAMES = ("transformer", "umoe")
@@ -391,8 +391,10 @@ class UmoeAttention(nnx.Module):
       q = jnp.concatenate([q, self.shared_query(x)[:, :, None]], axis=2)                   # [B, T, K+1, dk]
     return q
 
-  def __call__(self, x: jax.Array, experts: moe.Experts, *, positions: jax.Array, cache: dict | None = None):
-    """x = norm1(hidden) [B, T, D] at positions [T] -> (y [B, T, D], losses, metrics, cache)."""
+  def __call__(self, x: jax.Array, experts: moe.Experts, *, positions: jax.Array, cache: dict | None = None,
+               mask: jax.Array | None = None):
+    """x = norm1(hidden) [B, T, D] at positions [T] -> (y [B, T, D], losses, metrics, cache). mask [B, T]
+    (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     B, T, D = x.shape
     E, K = self.num_experts, self.k
     logits = x.astype(jnp.float32) @ self.router.kernel[...]                                 # [B, T, E]
@@ -426,7 +428,8 @@ class UmoeAttention(nnx.Module):
       unit_index = expert_index.transpose(0, 2, 1).reshape(B, K * T, 1)
       unit_gates = gates.transpose(0, 2, 1).reshape(B, K * T, 1)
       capacity = routing_capacity(self.dispatch, self.capacity_factor, K * T, E, 1)
-      assignment = routing.assign_slots(unit_index, unit_gates, E, capacity)
+      unit_valid = None if mask is None else jnp.tile(jnp.asarray(mask, bool), (1, K))      # [B, K*T] choice-major
+      assignment = routing.assign_slots(unit_index, unit_gates, E, capacity, valid=unit_valid)
       routed = run_experts(experts, units, assignment, dispatch=self.dispatch, capacity=capacity,
                            tokens_per_unit=1, block_size=None)                              # p_i E_i(a_i X)
       y = routed.reshape(B, K, T, D).sum(axis=1)
@@ -442,7 +445,8 @@ class UmoeAttention(nnx.Module):
       if self.shared is not None:
         y = y + jnp.einsum("bts,bsd->btd", weights[:, K].astype(x.dtype), values["shared_values"])
       capacity = None
-    metrics = _token_choice_aux(probs, logits, expert_index, gates, kept, E)
+    metrics = token_choice_metrics(probs, logits, expert_index, gates, kept, E,
+                                   None if mask is None else jnp.asarray(mask, bool))
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)
     losses = {name: weight * metrics[metric] for name, metric, weight in self.loss_weights if weight > 0}
     return y, losses, metrics, cache
@@ -489,12 +493,14 @@ class Block(nnx.Module):
     return branch if self.dropout is None else self.dropout(branch, deterministic=deterministic)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, token_ids: jax.Array, deterministic: bool,
-               cache: dict | None = None):
-    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": (losses, metrics) | None}, cache)."""
+               cache: dict | None = None, mask: jax.Array | None = None):
+    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": (losses, metrics) | None}, cache).
+    mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     hidden = self.norm1(x)
     aux = {"ffn": None, "attn": None}
     if self.kind == "umoe":
-      out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache)
+      out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache,
+                                              mask=mask)
       aux["attn"] = (losses, metrics)
     else:
       out, cache = self.attn(hidden, positions, cache)
@@ -504,7 +510,7 @@ class Block(nnx.Module):
       out = self.mlp.apply_all(hidden)
     else:
       ids = token_ids if self.mlp.router_kind == "hash" else None
-      out, aux["ffn"] = self.mlp(hidden, token_ids=ids, deterministic=deterministic)
+      out, aux["ffn"] = self.mlp(hidden, token_ids=ids, mask=mask, deterministic=deterministic)
     return x + self._residual(out, deterministic), aux, cache
 
 
@@ -529,7 +535,8 @@ class LanguageModel(nnx.Module):
                  else nnx.Linear(D, config.vocab_size, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
-  def _run(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool, cache: list | None):
+  def _run(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool, cache: list | None,
+           mask: jax.Array | None = None):
     if tokens.ndim != 2:
       raise ValueError(f"tokens have shape {tokens.shape}; expected int [batch, length]")
     x = self.embed(tokens)                                                                   # [B, T, D]
@@ -540,7 +547,7 @@ class LanguageModel(nnx.Module):
     losses, metrics, new_cache = {}, {}, []
     for index, block in enumerate(self.blocks):
       x, block_aux, block_cache = block(x, positions=positions, token_ids=tokens, deterministic=deterministic,
-                                        cache=None if cache is None else cache[index])
+                                        cache=None if cache is None else cache[index], mask=mask)
       new_cache.append(block_cache)
       parts = []
       if block_aux["ffn"] is not None:
@@ -556,14 +563,16 @@ class LanguageModel(nnx.Module):
     logits = self.embed.attend(x) if self.head is None else self.head(x)                    # [B, T, V]
     return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}, new_cache
 
-  def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
+               mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """tokens int [B, T] -> (logits float32 [B, T, V], aux). Pass deterministic=False when training (dropout,
-    router noise)."""
+    router noise). mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no
+    routing statistic or loss."""
     T = tokens.shape[-1]
     if self.pos_embed is not None and T > self.config.max_length:
       raise ValueError(f"sequence of {T} tokens is longer than model.max_length={self.config.max_length} "
                        "(the learned position table)")
-    logits, aux, _ = self._run(tokens, jnp.arange(T), deterministic=deterministic, cache=None)
+    logits, aux, _ = self._run(tokens, jnp.arange(T), deterministic=deterministic, cache=None, mask=mask)
     return logits, aux
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> list[dict]:

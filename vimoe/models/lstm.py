@@ -229,7 +229,8 @@ class LstmBlock(nnx.Module):
     self.lstm = LSTM(config.dim, config.dim, forget_bias=config.forget_bias, rngs=rngs)
     self.dropout = _dropout(config.dropout, rngs)
 
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, mask=None):
+    del mask  # the LSTM is causal: padding at the end of a sequence never reaches real tokens
     return x + _apply_dropout(self.dropout, self.lstm(x), deterministic), None
 
 
@@ -252,8 +253,8 @@ class MoeBlock(nnx.Module):
     self.moe = build_moe_layer(config, rngs=rngs)
     self.dropout = _dropout(config.dropout, rngs)
 
-  def __call__(self, x, *, deterministic: bool):
-    y, aux = self.moe(x, deterministic=deterministic)                    # [B, T, D]
+  def __call__(self, x, *, deterministic: bool, mask=None):
+    y, aux = self.moe(x, mask=mask, deterministic=deterministic)          # [B, T, D]
     return x + _apply_dropout(self.dropout, jax.nn.sigmoid(y), deterministic), aux
 
 
@@ -267,15 +268,17 @@ class LstmMoeLM(nnx.Module):
     self.blocks = nnx.List([LstmBlock(config, rngs=rngs), MoeBlock(config, rngs=rngs), LstmBlock(config, rngs=rngs)])
     self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
+               mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """tokens int32 [B, T] -> (logits float32 [B, T, V], aux). deterministic=False when training (dropout, router
-    noise)."""
+    noise). mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no routing
+    statistic or loss."""
     if tokens.ndim != 2:
       raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, time] integer ids")
     x = _apply_dropout(self.embed_dropout, self.embed(tokens), deterministic)   # [B, T, D]
     losses, metrics = {}, {}
     for index, block in enumerate(self.blocks):
-      x, block_aux = block(x, deterministic=deterministic)
+      x, block_aux = block(x, deterministic=deterministic, mask=mask)
       if block_aux is not None:
         metrics[f"block{index}"] = block_aux.metrics
         for name, value in block_aux.losses.items():

@@ -437,8 +437,10 @@ class Block(nnx.Module):
       branch = self.drop_path(branch, deterministic=deterministic)
     return branch
 
-  def __call__(self, x: jax.Array, *, deterministic: bool, return_routing: bool = False):
-    """x [B, T, D] -> (x, MoeAux or None), plus the first-choice experts ([B, T] or [B]) if return_routing."""
+  def __call__(self, x: jax.Array, *, deterministic: bool, return_routing: bool = False,
+               mask: jax.Array | None = None):
+    """x [B, T, D] -> (x, MoeAux or None), plus the first-choice experts ([B, T] or [B]) if return_routing.
+    mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     x = x + self._residual(self.attn(self.norm1(x)), self.ls1, deterministic)
     hidden = self.norm2(x)  # [B, T, D]
     aux = choice = None
@@ -447,7 +449,7 @@ class Block(nnx.Module):
       router_input = hidden[:, 0] if self.route_per == "item" else None
       if return_routing:
         choice = self.mlp.first_choice(hidden, router_input=router_input)
-      hidden, aux = self.mlp(hidden, router_input=router_input, deterministic=deterministic)
+      hidden, aux = self.mlp(hidden, router_input=router_input, mask=mask, deterministic=deterministic)
     else:
       hidden = self.mlp(hidden)
     x = x + self._residual(hidden, self.ls2, deterministic)
@@ -489,13 +491,15 @@ class ViT(nnx.Module):
     return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)
 
   def encode(self, images: jax.Array, *, deterministic: bool = True, return_layers: Sequence[int] = (),
-             return_routing: bool = False) -> tuple[jax.Array, dict]:
+             return_routing: bool = False, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """images [B, H, W, 3] -> (final-norm tokens [B, 1 + R + N, D], aux).
 
     return_layers: block indices whose outputs, passed through the final norm (DINOv2's
       `get_intermediate_layers(norm=True)`), are returned in aux["layers"] (a list, same order).
     return_routing: aux["routing"]["block{i}"] = first-choice expert of every token [B, T] (route_per="token") or
       image [B] (route_per="item") in each MoE block; T counts the class token and registers first.
+    mask: [B] bool, True for real images (evaluation batches are padded): padding images take no expert capacity
+      and count in no routing statistic or loss.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images have shape {images.shape}; expected [batch, height, width, 3] (NHWC)")
@@ -515,13 +519,14 @@ class ViT(nnx.Module):
     if any(not 0 <= index < depth for index in wanted):
       raise ValueError(f"return_layers={tuple(return_layers)} must be block indices in [-{depth}, {depth - 1}]")
     losses, metrics, routing_choice, outputs = {}, {}, {}, {}
+    token_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool)[:, None], x.shape[:2])
     for index, block in enumerate(self.blocks):
       if return_routing:
-        x, block_aux, choice = block(x, deterministic=deterministic, return_routing=True)
+        x, block_aux, choice = block(x, deterministic=deterministic, return_routing=True, mask=token_mask)
         if choice is not None:
           routing_choice[f"block{index}"] = choice
       else:
-        x, block_aux = block(x, deterministic=deterministic)
+        x, block_aux = block(x, deterministic=deterministic, mask=token_mask)
       if block_aux is not None:
         metrics[f"block{index}"] = block_aux.metrics
         for name, value in block_aux.losses.items():
@@ -539,10 +544,12 @@ class ViT(nnx.Module):
     """Final-norm token features [B, 1 + R + N, D]: class token, registers, patch tokens (row-major grid)."""
     return self.encode(images, deterministic=deterministic)[0]
 
-  def __call__(self, images: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+  def __call__(self, images: jax.Array, *, deterministic: bool = True,
+               mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """images [B, H, W, 3] -> (logits [B, num_classes] float32, aux). Pass deterministic=False when training
-    (stochastic depth, router noise). With num_classes=0 the pooled features [B, D or 2D] are returned."""
-    tokens, aux = self.encode(images, deterministic=deterministic)
+    (stochastic depth, router noise). With num_classes=0 the pooled features [B, D or 2D] are returned.
+    mask [B] (optional): real images; padding is left out of the routing (see `encode`)."""
+    tokens, aux = self.encode(images, deterministic=deterministic, mask=mask)
     pooled = tokens[:, 0]                                                          # [B, D]
     if self.config.classifier == "cls+mean":
       patches = tokens[:, 1 + self.config.num_registers:]

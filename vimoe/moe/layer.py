@@ -128,22 +128,32 @@ class Router(nnx.Module):
     return clean, noise_std, noise
 
 
-def _token_choice_aux(probs, logits, expert_index, gates, kept, num_experts):
-  """Metrics shared by every token-choice router. Shapes flattened to N = G*S tokens."""
+def token_choice_metrics(probs, logits, expert_index, gates, kept, num_experts, valid=None):
+  """Metrics shared by every token-choice router. Shapes flattened to N = G*S tokens; `valid` (optional, the
+  shape of `gates` without K) marks the real tokens: padding counts in no metric."""
   E = num_experts
-  one_hot = jax.nn.one_hot(expert_index.reshape(-1, expert_index.shape[-1]), E, dtype=jnp.float32)  # [N,K,E]
-  dense_gates = jnp.einsum("NKE,NK->NE", one_hot, gates.reshape(-1, gates.shape[-1]).astype(jnp.float32))
+  K = expert_index.shape[-1]
+  one_hot = jax.nn.one_hot(expert_index.reshape(-1, K), E, dtype=jnp.float32)  # [N,K,E]
+  dense_gates = jnp.einsum("NKE,NK->NE", one_hot, gates.reshape(-1, K).astype(jnp.float32))
+  flat_valid = None if valid is None else valid.reshape(-1)
+  if flat_valid is None:
+    dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+  else:
+    weight = flat_valid.astype(jnp.float32)
+    one_hot, dense_gates = one_hot * weight[:, None, None], dense_gates * weight[:, None]
+    kept_real = jnp.sum(kept.reshape(-1, K).astype(jnp.float32) * weight[:, None])
+    dropped = 1.0 - kept_real / jnp.maximum(K * jnp.sum(weight), 1.0)
   metrics = {
-      "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
+      "dropped_fraction": dropped,
       "importance_cv": losses_lib.coefficient_of_variation(jnp.sum(dense_gates, 0)),
       "importance_loss": losses_lib.importance_loss(dense_gates),
       **losses_lib.load_metrics(jnp.sum(one_hot, axis=(0, 1))),
   }
   if probs is not None:
     metrics["balance_loss"] = losses_lib.switch_balance_loss(probs.reshape(-1, E),
-                                                             expert_index.reshape(-1, expert_index.shape[-1])[:, 0])
+                                                             expert_index.reshape(-1, K)[:, 0], flat_valid)
   if logits is not None:
-    metrics["router_z_loss"] = losses_lib.router_z_loss(logits.reshape(-1, E))
+    metrics["router_z_loss"] = losses_lib.router_z_loss(logits.reshape(-1, E), flat_valid)
   return metrics
 
 
@@ -252,9 +262,12 @@ class MoeLayer(nnx.Module):
                    if num_shared_experts else None)
 
   # -- grouping ------------------------------------------------------------------------------------------------
-  def _units(self, x, router_input, token_ids):
-    """Routing units: (payload [G,S,U*D], router features [G,S,D] f32, token ids [G,S] or None, U)."""
+  def _units(self, x, router_input, token_ids, mask=None):
+    """Routing units: (payload [G,S,U*D], router features [G,S,D] f32, token ids [G,S] or None, U,
+    valid [G,S] bool or None). An item (route_per="item") is valid when any of its tokens is."""
     B, T, D = x.shape
+    if mask is not None and mask.shape != (B, T):
+      raise ValueError(f"mask has shape {mask.shape}; expected (batch, tokens) = {(B, T)}")
     if self.route_per == "item":
       if router_input is None:
         router_input = jnp.mean(x.astype(jnp.float32), axis=1)   # [B,D] the item's mean token
@@ -271,18 +284,23 @@ class MoeLayer(nnx.Module):
         raise ValueError(f"group_size={self.group_size} holds {items_per_group} items, which does not divide "
                          f"the batch of {B} items")
       G = B // items_per_group
+      valid = None if mask is None else jnp.any(mask, axis=1).reshape(G, items_per_group)
       return (x.reshape(G, items_per_group, T * D),
-              router_input.astype(jnp.float32).reshape(G, items_per_group, D), None, T)
+              router_input.astype(jnp.float32).reshape(G, items_per_group, D), None, T, valid)
     S = T if self.group_size is None else self.group_size
     if (B * T) % S:
       raise ValueError(f"group_size={self.group_size} does not divide the {B * T} tokens of the batch "
                        f"(batch {B} x length {T})")
     G = B * T // S
     ids = None if token_ids is None else token_ids.reshape(G, S)
-    return x.reshape(G, S, D), x.astype(jnp.float32).reshape(G, S, D), ids, 1
+    valid = None if mask is None else mask.reshape(G, S)
+    return x.reshape(G, S, D), x.astype(jnp.float32).reshape(G, S, D), ids, 1, valid
 
   def __call__(self, x: jax.Array, *, router_input: jax.Array | None = None, token_ids: jax.Array | None = None,
-               deterministic: bool | None = None):
+               mask: jax.Array | None = None, deterministic: bool | None = None):
+    """x [B,T,D] -> (y [B,T,D], MoeAux). mask [B,T] bool (optional): True for real tokens. Padding (False) takes
+    no expert capacity, changes no other token's output and counts in no metric or loss; its own output is only
+    the shared experts'."""
     if x.ndim != 3 or x.shape[-1] != self.dim:
       raise ValueError(f"x has shape {x.shape}; expected [batch, tokens, dim={self.dim}]")
     if router_input is not None and self.route_per != "item":
@@ -291,7 +309,8 @@ class MoeLayer(nnx.Module):
       raise ValueError("router='hash' needs token_ids [batch, tokens] in the call")
     deterministic = self.router.deterministic if deterministic is None else deterministic
     B, T, D = x.shape
-    units, features, ids, tokens_per_unit = self._units(x, router_input, token_ids)
+    units, features, ids, tokens_per_unit, valid = self._units(
+        x, router_input, token_ids, None if mask is None else jnp.asarray(mask, bool))
     mesh = sharding.current_expert_mesh()
     if mesh is not None and not is_dropless(self.dispatch, self.capacity_factor):
       # Every device routes its own groups (the dropless path has no groups).
@@ -300,17 +319,18 @@ class MoeLayer(nnx.Module):
     E = self.num_experts
 
     if self.router_kind == "soft":
-      dispatch_weights, combine = routing.soft_routing(features, self.router.kernel[...], self.router.scale[...])
+      dispatch_weights, combine = routing.soft_routing(features, self.router.kernel[...], self.router.scale[...],
+                                                       valid)
       P = dispatch_weights.shape[-1]
       expert_in = jnp.einsum("GSEP,GSM->EGPM", dispatch_weights.astype(x.dtype), units)
       expert_out = self.experts(expert_in.reshape(E, -1, D)).reshape(expert_in.shape)
       y = jnp.einsum("GSEP,EGPM->GSM", combine.astype(x.dtype), expert_out)
-      mass = jnp.sum(combine, axis=(0, 1, 3))
+      mass = jnp.sum(combine if valid is None else combine * valid[..., None, None], axis=(0, 1, 3))
       metrics = {"dropped_fraction": jnp.zeros(()), **losses_lib.load_metrics(mass),
                  "capacity": jnp.asarray(P)}
       losses = {}
     else:
-      y, losses, metrics = self._routed(units, features, ids, tokens_per_unit, deterministic)
+      y, losses, metrics = self._routed(units, features, ids, tokens_per_unit, deterministic, valid)
     y = y.reshape(B, T, D)
     if self.shared is not None:
       y = y + self.shared.apply_all(x)
@@ -342,7 +362,7 @@ class MoeLayer(nnx.Module):
     choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return choice[0] if self.route_per == "item" else choice
 
-  def _routed(self, units, features, ids, tokens_per_unit, deterministic):
+  def _routed(self, units, features, ids, tokens_per_unit, deterministic, valid=None):
     G, S, _ = units.shape
     E, K = self.num_experts, self.k
     kind = self.router_kind
@@ -353,16 +373,18 @@ class MoeLayer(nnx.Module):
     if kind == "experts_choose":
       logits = features @ self.router.kernel[...]
       probs = jax.nn.softmax(logits, -1)
-      assignment = routing.experts_choose_assignment(probs, capacity)
+      assignment = routing.experts_choose_assignment(probs, capacity, valid)
       chosen_by_any = jnp.any(assignment.kept, axis=-1)
       counts = jnp.sum(assignment.kept.astype(jnp.float32), axis=(0, 1))
       dense_gates = assignment.weight.reshape(-1, E)
-      metrics = {"dropped_fraction": 1.0 - jnp.mean(chosen_by_any.astype(jnp.float32)),
+      flat_valid = None if valid is None else valid.reshape(-1)
+      metrics = {"dropped_fraction": 1.0 - losses_lib.masked_mean(chosen_by_any.reshape(-1).astype(
+                     jnp.float32), flat_valid),
                  "importance_cv": losses_lib.coefficient_of_variation(jnp.sum(dense_gates, 0)),
                  "importance_loss": losses_lib.importance_loss(dense_gates),
-                 "router_z_loss": losses_lib.router_z_loss(logits.reshape(-1, E)),
+                 "router_z_loss": losses_lib.router_z_loss(logits.reshape(-1, E), flat_valid),
                  "balance_loss": losses_lib.switch_balance_loss(probs.reshape(-1, E),
-                                                                jnp.argmax(probs, -1).reshape(-1)),
+                                                                jnp.argmax(probs, -1).reshape(-1), flat_valid),
                  **losses_lib.load_metrics(counts)}
     else:
       # Batch Priority Routing orders tokens by their top-1 router probability (V-MoE), not by the gate: a
@@ -381,6 +403,8 @@ class MoeLayer(nnx.Module):
         load_probability = routing.shazeer_load_probability(clean, noise_std, noisy, K)
         logits, probs = clean, jax.nn.softmax(clean, -1)
         top1_probability = jnp.max(jax.nn.softmax(noisy, -1), -1)
+        if valid is not None:
+          load_probability = load_probability * valid[..., None]
         extra_metrics["load_loss"] = losses_lib.load_loss(load_probability.reshape(-1, E))
         extra_metrics["smooth_load_cv"] = losses_lib.coefficient_of_variation(
             jnp.sum(load_probability.reshape(-1, E), 0))
@@ -389,8 +413,8 @@ class MoeLayer(nnx.Module):
         gates = jnp.ones(expert_index.shape, jnp.float32)
         top1_probability = gates[..., 0]                          # no router: ties, so position order
       priority = top1_probability if self.batch_priority else None
-      assignment = routing.assign_slots(expert_index, gates, E, capacity, priority)
-      metrics = _token_choice_aux(probs, logits, expert_index, gates, assignment.kept, E)
+      assignment = routing.assign_slots(expert_index, gates, E, capacity, priority, valid)
+      metrics = token_choice_metrics(probs, logits, expert_index, gates, assignment.kept, E, valid)
       metrics.update(extra_metrics)
 
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)  # -1: dropless
@@ -437,13 +461,17 @@ class HierarchicalMoeLayer(nnx.Module):
     self.secondary_noise_kernel = nnx.Param(jnp.zeros((dim, num_groups, experts_per_group)))
     self.experts = Experts(num_groups * experts_per_group, dim, hidden_dim, activation=activation, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, deterministic: bool | None = None):
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool | None = None):
+    """x [B,T,D] -> (y, MoeAux); mask [B,T] (optional) as in MoeLayer: padding takes no slot, counts nowhere."""
     deterministic = self.router.deterministic if deterministic is None else deterministic
     B, T, D = x.shape
     S = T if self.group_size is None else self.group_size
     if (B * T) % S:
       raise ValueError(f"group_size={self.group_size} does not divide the {B * T} tokens of the batch")
     G = B * T // S
+    if mask is not None and mask.shape != (B, T):
+      raise ValueError(f"mask has shape {mask.shape}; expected (batch, tokens) = {(B, T)}")
+    valid = None if mask is None else jnp.asarray(mask, bool).reshape(G, S)
     A, Bx = self.num_groups, self.experts_per_group
     kp, ks = self.k_primary, self.k_secondary
     units = x.reshape(G, S, D)
@@ -463,11 +491,14 @@ class HierarchicalMoeLayer(nnx.Module):
     gates = (primary_gates[..., None] * pick(secondary_gates)).reshape(G, S, kp * ks)
     E = A * Bx
     capacity = routing_capacity(self.dispatch, self.capacity_factor, S, E, kp * ks)
-    assignment = routing.assign_slots(expert_index, gates, E, capacity)
+    assignment = routing.assign_slots(expert_index, gates, E, capacity, valid=valid)
     y = run_experts(self.experts, units, assignment, dispatch=self.dispatch, capacity=capacity,
                     tokens_per_unit=1, block_size=self.block_size)
     # Appendix B losses.
-    metrics = _token_choice_aux(None, None, expert_index, gates, assignment.kept, E)
+    metrics = token_choice_metrics(None, None, expert_index, gates, assignment.kept, E, valid)
+    if valid is not None:  # padding adds nothing to importance or load
+      primary_gates = primary_gates * valid[..., None]
+      primary_load = primary_load * valid[..., None]
     primary_dense = jnp.sum(jax.nn.one_hot(primary_index, A) * primary_gates[..., None], axis=-2)      # [G,S,A]
     secondary_dense = jnp.sum(jax.nn.one_hot(secondary_index, Bx) * secondary_gates[..., None], axis=-2)  # [G,S,A,Bx]
     importance = jnp.einsum("GSA,GSAB->AB", primary_dense, secondary_dense).reshape(E)

@@ -27,21 +27,30 @@ def load_loss(load_probability: jax.Array) -> jax.Array:
   return coefficient_of_variation(jnp.sum(load_probability, axis=0)) ** 2
 
 
-def switch_balance_loss(probs: jax.Array, top1_index: jax.Array) -> jax.Array:
+def masked_mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """Mean over the leading token axis N, counting only tokens with valid [N] True (all when valid is None)."""
+  if valid is None:
+    return jnp.mean(values, axis=0)
+  weight = valid.astype(jnp.float32).reshape((-1,) + (1,) * (values.ndim - 1))
+  return jnp.sum(values * weight, axis=0) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def switch_balance_loss(probs: jax.Array, top1_index: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """Switch / GShard balance loss: E * sum_e f_e * P_e.
 
   probs [N,E] router probabilities; top1_index [N] first choice. f_e = fraction of tokens whose first choice is e,
-  P_e = mean router probability of e. Equals 1 when routing is uniform.
+  P_e = mean router probability of e. Equals 1 when routing is uniform. valid [N] (optional): tokens to count
+  (padding excluded).
   """
   num_experts = probs.shape[-1]
-  fraction = jnp.mean(jax.nn.one_hot(top1_index, num_experts, dtype=jnp.float32), axis=0)
-  mean_prob = jnp.mean(probs, axis=0)
+  fraction = masked_mean(jax.nn.one_hot(top1_index, num_experts, dtype=jnp.float32), valid)
+  mean_prob = masked_mean(probs, valid)
   return num_experts * jnp.sum(fraction * mean_prob)
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
-  """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits [N,E]."""
-  return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+def router_z_loss(logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits [N,E]; valid [N] as above."""
+  return masked_mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2, valid)
 
 
 def load_metrics(expert_counts: jax.Array) -> dict:

@@ -118,12 +118,13 @@ def hash_expert_index(token_ids: jax.Array, num_experts: int) -> jax.Array:
 
 
 def assign_slots(expert_index: jax.Array, gates: jax.Array, num_experts: int, capacity: int | None,
-                 priority: jax.Array | None = None) -> Assignment:
+                 priority: jax.Array | None = None, valid: jax.Array | None = None) -> Assignment:
   """Token-choice slot assignment with a capacity (GShard / V-MoE).
 
   Priority: all first choices before any second choice; within a choice rank, by position in the group, or, with
   `priority` [G,S] given (Batch Priority Routing, Riquelme et al. 2021), by descending priority.
   A choice whose slot index is >= capacity is dropped. `capacity=None` keeps everything.
+  `valid` [G,S] bool (optional): padding tokens (False) take no slot and are never kept.
   """
   G, S, K = expert_index.shape
   if priority is not None:
@@ -133,6 +134,9 @@ def assign_slots(expert_index: jax.Array, gates: jax.Array, num_experts: int, ca
   else:
     ranked = expert_index
   one_hot = jax.nn.one_hot(ranked, num_experts, dtype=jnp.int32)        # [G,S,K,E]
+  if valid is not None:                                                  # padding occupies no slot
+    ranked_valid = valid if priority is None else jnp.take_along_axis(valid, order, axis=1)
+    one_hot = one_hot * ranked_valid[:, :, None, None].astype(jnp.int32)
   choice_major = one_hot.transpose(0, 2, 1, 3).reshape(G, K * S, num_experts)
   position = jnp.cumsum(choice_major, axis=1) - 1                        # slot if this row goes to that expert
   slot = jnp.sum(position * choice_major, axis=-1)                       # [G,K*S]
@@ -140,32 +144,40 @@ def assign_slots(expert_index: jax.Array, gates: jax.Array, num_experts: int, ca
   if priority is not None:
     slot = jnp.take_along_axis(slot, inverse[..., None], axis=1)
   kept = jnp.ones_like(slot, bool) if capacity is None else slot < capacity
+  if valid is not None:
+    kept = kept & valid[..., None]
   return Assignment(expert_index=expert_index, slot=slot.astype(jnp.int32),
                     weight=jnp.where(kept, gates, 0.0), kept=kept)
 
 
-def experts_choose_assignment(probs: jax.Array, capacity: int) -> Assignment:
+def experts_choose_assignment(probs: jax.Array, capacity: int, valid: jax.Array | None = None) -> Assignment:
   """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of the group by gate.
 
   probs [G,S,E] -> token-major Assignment with K = E (choice e of a token is expert e; kept if e picked it).
-  Sees every token of the group, so it is for encoders only.
+  Sees every token of the group, so it is for encoders only. `valid` [G,S] (optional): padding tokens rank
+  below every real token and are never kept.
   """
   G, S, E = probs.shape
-  _, token_index = jax.lax.top_k(probs.transpose(0, 2, 1), capacity)   # [G,E,C]
+  ranking = probs if valid is None else jnp.where(valid[..., None], probs, -1.0)
+  _, token_index = jax.lax.top_k(ranking.transpose(0, 2, 1), capacity)   # [G,E,C]
   g = jnp.arange(G)[:, None, None]
   e = jnp.arange(E)[None, :, None]
   c = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), token_index.shape)
   slot = jnp.full((G, E, S), capacity, jnp.int32).at[g, e, token_index].set(c).transpose(0, 2, 1)  # [G,S,E]
   kept = slot < capacity
+  if valid is not None:
+    kept = kept & valid[..., None]
   expert_index = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (G, S, E))
   return Assignment(expert_index=expert_index, slot=slot, weight=jnp.where(kept, probs, 0.0), kept=kept)
 
 
-def soft_routing(x: jax.Array, slot_embeddings: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+def soft_routing(x: jax.Array, slot_embeddings: jax.Array, scale: jax.Array,
+                 valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Soft MoE (Puigcerver et al. 2023). x [G,S,D], slot_embeddings [D,E,P], scale scalar.
 
   logits = (l2norm(x) . l2norm(phi)) * scale; dispatch = softmax over the S tokens of each slot; combine =
-  softmax over all E*P slots of each token. Returns (dispatch [G,S,E,P], combine [G,S,E,P]).
+  softmax over all E*P slots of each token. Returns (dispatch [G,S,E,P], combine [G,S,E,P]). `valid` [G,S]
+  (optional): padding tokens get no dispatch weight, so no slot mixes them in.
   """
   x = x.astype(jnp.float32)
   x_norm = x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
@@ -173,6 +185,7 @@ def soft_routing(x: jax.Array, slot_embeddings: jax.Array, scale: jax.Array) -> 
   phi_norm = phi * jax.lax.rsqrt(jnp.sum(phi * phi, 0, keepdims=True) + 1e-6)
   logits = jnp.einsum("GSD,DEP->GSEP", x_norm, phi_norm) * scale
   G, S, E, P = logits.shape
-  dispatch = jax.nn.softmax(logits, axis=1)
+  dispatch = jax.nn.softmax(logits if valid is None else jnp.where(valid[..., None, None], logits, -1e9),
+                            axis=1)
   combine = jax.nn.softmax(logits.reshape(G, S, E * P), axis=-1).reshape(G, S, E, P)
   return dispatch, combine

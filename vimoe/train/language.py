@@ -103,13 +103,14 @@ class LanguageModeling:
 
   def eval_batch(self, model, batch):
     """Sums over the mask-1 tokens of a batch (evaluation batches are padded with mask 0)."""
-    logits, aux = model(batch["inputs"], deterministic=True)
+    # Padding (mask 0) takes no expert capacity and counts in no routing statistic.
+    logits, aux = model(batch["inputs"], deterministic=True, mask=batch["mask"] > 0)
     mask = batch["mask"].astype(jnp.float32)
     nll = token_cross_entropy(logits, batch["targets"])
     sums = {"tokens": jnp.sum(mask), "nll_sum": jnp.sum(nll * mask),
             "correct": jnp.sum(mask * (jnp.argmax(logits, -1) == batch["targets"]))}
-    # Routing statistics of the batch (padding included), weighted by its real tokens so that the sum over
-    # batches becomes a token-weighted average.
+    # Routing statistics of the batch's real tokens, weighted by their number so that the sum over batches
+    # becomes a token-weighted average.
     for key, value in moe_summary(aux, "moe").items():
       if key.split("/")[-1] in EVAL_ROUTING_METRICS:
         sums[key] = value * sums["tokens"]

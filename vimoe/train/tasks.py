@@ -1,7 +1,8 @@
 """Tasks: what a task supplies to the one trainer (model, data, loss, evaluation metrics).
 
 A task is a small object with
-  build_model(config, rngs) -> nnx.Module            (model(inputs, deterministic=...) -> (outputs, aux dict))
+  build_model(config, rngs) -> nnx.Module            (model(inputs, deterministic=..., mask=None) -> (outputs,
+                                                     aux dict); evaluation passes the padding mask)
   build_data(config, split, *, train, seed, batch_size) -> grain iterable of dict batches
   loss(model, batch, config) -> (scalar loss, dict of scalar metrics)      (training, under grad)
   eval_batch(model, batch) -> dict of summed statistics                   (summed over batches)
@@ -66,8 +67,9 @@ class Classification:
 
   def eval_batch(self, model, batch):
     """Sums over the valid rows of a batch (evaluation batches are padded with label -1)."""
-    logits, aux = model(batch["image"], deterministic=True)
     labels = batch["label"]
+    # Padding rows take no expert capacity and count in no routing statistic.
+    logits, aux = model(batch["image"], deterministic=True, mask=labels >= 0)
     valid = (labels >= 0).astype(jnp.float32)
     safe_labels = jnp.maximum(labels, 0)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -76,8 +78,8 @@ class Classification:
             "correct_top5": jnp.sum(valid * jnp.any(top5 == labels[:, None], axis=-1)),
             "loss_sum": jnp.sum(valid * optax.softmax_cross_entropy_with_integer_labels(
                 logits.astype(jnp.float32), safe_labels))}
-    # Routing statistics of the batch (padding rows included), weighted by its valid rows so the sum over
-    # batches becomes an average.
+    # Routing statistics of the batch's real rows, weighted by their number so the sum over batches becomes an
+    # average over real images.
     for key, value in moe_summary(aux, "moe").items():
       if key.split("/")[-1] in ("dropped_fraction", "expert_load", "load_cv", "importance_cv"):
         sums[key] = value * sums["count"]
