@@ -24,8 +24,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   parallel.initialize()  # multi-host start-up; a no-op for one process
-  from vimoe.train import headline, train_and_evaluate
-  final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from vimoe.train import headline, train_and_evaluate, trainer
+  try:
+    final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (trainer.WorkdirInUse, trainer.ConfigMismatch, trainer.TrainingDiverged, NotADirectoryError,
+          PermissionError) as error:  # the message says it all: no traceback
+    sys.exit(f"train.py: {type(error).__name__}: {error}")
   if parallel.is_main_process():
     print("final evaluation:", headline(final))
 

@@ -77,11 +77,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
-  # A learning rate of 1e25 without clipping blows the weights up on the first update.
+  # A learning rate of 1e25 without clipping blows the weights up on the first update: the weights after step 1
+  # give a NaN loss, so checkpoint 1 is not saved and no checkpoint is named (tests/test_workdir.py checks that a
+  # named checkpoint restores to finite weights and a finite evaluation loss).
   config = tiny_config(total_steps=6, checkpoint_every=1, **{"optim.lr": 1e25, "optim.grad_clip_norm": 0.0,
                                                              "optim.warmup_steps": 0})
-  with pytest.raises(trainer.TrainingDiverged, match=r"at step (\d+); stopping. Last good checkpoint: .*checkpoints/\d+"):
+  with pytest.raises(trainer.TrainingDiverged, match=r"at step 1; stopping. Last good checkpoint: none"):
     trainer.train_and_evaluate(config, tmp_path)
+  assert trainer.checkpoint_steps(tmp_path) == []
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -2,20 +2,35 @@
 
     train_and_evaluate(config, workdir) -> final evaluation metrics
 
-The workdir gets `config.json` (the resolved config), `metrics.jsonl` (one JSON object per line, always with
-`step`), TensorBoard event files under `tensorboard/`, and orbax checkpoints under `checkpoints/` holding the
-model, the optimizer, the data iterator and the step. Running the same command again resumes from the latest
-checkpoint; orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed run
-never leaves a half-written checkpoint behind.
+The workdir (docs/workdirs.md) gets `config.json` (the run's config), `metrics.jsonl` (one JSON object per line,
+always with `step`), TensorBoard event files under `tensorboard/`, orbax checkpoints under `checkpoints/` holding
+the model, the optimizer, the data iterator and the step, `run.lock` while a run is live, and
+`config_changes.jsonl` when a rerun changed a setting that may change. Running the same command again resumes from
+the newest checkpoint that restores; orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a killed run never leaves a half-written checkpoint behind.
+
+One run per workdir: the coordinating process holds an flock on `run.lock` (the OS releases it when the process
+dies, kill -9 included), and a second run refuses at once, naming the live one. A rerun compares its config with
+config.json before writing anything: only the keys of SAFE_TO_CHANGE may differ.
+
+The loop never waits on the device between steps: the train step is one `jax.jit` over the split (model,
+optimizer) state, which it donates, and returns an on-device guard (the first step whose loss or updated
+parameters were not finite); the host reads it back only at logging, checkpoint and evaluation steps. A
+checkpoint is written only from state that every step so far kept finite and whose parameters give a finite loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import json
 import math
 import os
 import pathlib
+import shutil
+import socket
+import sys
 import time
 
 import grain
@@ -35,9 +50,27 @@ from vimoe.train.tasks import get_task
 REQUIRED_KEYS = ("task", "seed", "batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints", "label_smoothing", "optim", "model", "data")
 
+# Config keys a rerun may change in an existing workdir (recorded in config_changes.jsonl); a key ending in "."
+# covers the whole block. They change when and how the run is logged, saved, evaluated or laid out on devices,
+# or how long it goes on, never the model, the data order, the loss or the optimizer's past updates. total_steps
+# (and optim.total_steps, which follows it) also sets the length of the learning-rate schedule: the steps after
+# the resume follow the new schedule (docs/workdirs.md).
+SAFE_TO_CHANGE = ("total_steps", "optim.total_steps", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints", "eval_batch_size", "mesh.", "data.num_workers", "data.read_threads")
+
+_ABSENT = "<absent>"
+
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
+  """The loss or the parameters became NaN or infinite."""
+
+
+class WorkdirInUse(RuntimeError):
+  """Another live run holds the workdir's lock."""
+
+
+class ConfigMismatch(ValueError):
+  """A rerun's config changes keys of the workdir's config.json that may not change."""
 
 
 def validate_config(config) -> None:
@@ -59,6 +92,164 @@ def validate_config(config) -> None:
                      f"{config.total_steps!r}; set both (configs use a FieldReference so they follow each other)")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The workdir: path checks, the lock, the config on record.
+
+def check_workdir(workdir: pathlib.Path) -> None:
+  """Refuses a workdir that is a file or cannot be written, before anything is built."""
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory; pass a directory (it is created "
+                             f"if missing)")
+  existing = workdir
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir}: {existing} is a file, so the workdir cannot be created")
+  for path in (existing, existing / "checkpoints"):
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+      raise PermissionError(f"--workdir {workdir}: {path} is not writable by this user; pick another workdir or "
+                            f"fix its permissions")
+
+
+def _agree(ok: bool, what: str) -> None:
+  """Several processes: every process learns whether process 0 succeeded at `what` (and stops if not)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  if not bool(multihost_utils.broadcast_one_to_all(np.asarray(ok))) and ok:
+    raise RuntimeError(f"the coordinating process (0) failed to {what}; see its log")
+
+
+class WorkdirLock:
+  """`workdir/run.lock`, held with flock by one process; it records host, pid and start time.
+
+  The kernel drops an flock when its process exits for any reason (kill -9, preemption, OOM), so a lock file
+  left behind by a dead run does not block the next one: only a live holder does.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = pathlib.Path(workdir) / "run.lock"
+    self.fd = None
+
+  def _holder(self) -> str:
+    try:
+      info = json.loads(self.path.read_text())
+      holder = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+      if info.get("slurm_job_id"):
+        holder += f", SLURM job {info['slurm_job_id']}"
+      return holder + f" ({info.get('command', '?')})"
+    except (OSError, ValueError, KeyError):
+      return "a process that has not yet written its host and pid"
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        holder = self._holder()
+        raise WorkdirInUse(
+            f"workdir {self.path.parent} is in use by a live run: {holder}. One run per workdir: wait for it to "
+            f"finish, stop it (kill it on that host; its lock goes with it), or pass another --workdir. "
+            f"(Lock: {self.path}; it is released when its process exits, however it exits.)") from None
+      except OSError as error:  # a filesystem without flock (some network filesystems)
+        os.close(fd)
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+          raise
+        print(f"Warning: {self.path.parent}'s filesystem does not support flock ({error}); running without the "
+              f"one-run-per-workdir lock: do not start two runs on this workdir", file=sys.stderr, flush=True)
+        return self
+      try:  # the holder we raced with may have unlinked the file between our open and flock: lock the new one
+        same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:
+        os.close(fd)
+        continue
+      info = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+      os.ftruncate(fd, 0)
+      os.write(fd, (json.dumps(info) + "\n").encode())
+      os.fsync(fd)
+      self.fd = fd
+      return self
+
+  def release(self) -> None:
+    if self.fd is not None:
+      with contextlib.suppress(OSError):
+        os.unlink(self.path)
+      os.close(self.fd)
+      self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _flatten(tree, prefix="") -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out or {prefix[:-1]: {}}
+  return {prefix[:-1]: tree}
+
+
+def _config_record(config) -> dict:
+  """The config as config.json holds it (JSON types: tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def config_changes(saved: dict, new: dict) -> dict:
+  """{dotted key: (saved value, new value)} for every key that differs (absent keys as '<absent>')."""
+  old_flat, new_flat = _flatten(saved), _flatten(new)
+  return {key: (old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT))
+          for key in sorted(old_flat.keys() | new_flat.keys())
+          if old_flat.get(key, _ABSENT) != new_flat.get(key, _ABSENT)}
+
+
+def _safe_to_change(key: str) -> bool:
+  return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  directory = workdir / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def reconcile_config(config, workdir: pathlib.Path) -> dict:
+  """Compares `config` with the workdir's config.json when the workdir holds a run to resume.
+
+  Returns the allowed changes ({key: (old, new)}, empty for a fresh workdir); raises ConfigMismatch, naming
+  every other changed key with its old and new value, before anything is written.
+  """
+  path = workdir / "config.json"
+  if not path.exists() or not _has_checkpoints(workdir):
+    return {}  # nothing to resume: the run starts at step 0 with this config
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as error:
+    raise ConfigMismatch(f"{path} is not valid JSON ({error}); it is the record of the run in {workdir}: restore "
+                         f"it, or start the new run in another --workdir") from None
+  changes = config_changes(saved, _config_record(config))
+  refused = {key: change for key, change in changes.items() if not _safe_to_change(key)}
+  if refused:
+    listing = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+    raise ConfigMismatch(
+        f"{workdir} holds a run whose config ({path}) differs from this one in key(s) that may not change on "
+        f"resume (saved -> new):\n{listing}\nRerun with the saved values to resume, or use another --workdir for "
+        f"a new run. Keys that may change on resume: {', '.join(SAFE_TO_CHANGE)} (docs/workdirs.md).")
+  return changes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics.
+
 class MetricWriter:
   """metrics.jsonl + TensorBoard, written by process 0 only."""
 
@@ -68,12 +259,37 @@ class MetricWriter:
     self.tensorboard = None
     if not self.enabled:
       return
-    if self.path.exists():  # drop lines from after the checkpoint we resume from: they will be redone
-      lines = [line for line in self.path.read_text().splitlines()
-               if line.strip() and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in lines))
+    if self.path.exists():
+      self._keep_until(resume_step)
     from tensorboardX import SummaryWriter
     self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+  def _keep_until(self, resume_step: int) -> None:
+    """Drops lines from after the checkpoint we resume from (they will be redone) and a torn last line (a crash
+    or a full disk mid-write); every complete line up to `resume_step` is kept. Rewritten atomically."""
+    text = self.path.read_text()
+    lines = text.split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        step = record["step"]
+      except (ValueError, KeyError, TypeError) as error:
+        if number == len(lines):  # no newline after it: a write that did not finish
+          print(f"{self.path}: dropped a torn last line (a write that did not finish): {line[:80]!r}",
+                file=sys.stderr, flush=True)
+          continue
+        raise ValueError(f"{self.path} line {number} is not a metrics record ({error}): {line[:80]!r}; every line "
+                         f"must be a JSON object with 'step'. Fix or remove that line and rerun") from None
+      if step <= resume_step:
+        kept.append(line)
+    new_text = "".join(line + "\n" for line in kept)
+    if new_text != text:
+      temporary = self.path.with_name(self.path.name + ".tmp")
+      temporary.write_text(new_text)
+      os.replace(temporary, self.path)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -93,8 +309,12 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def _checkpoint_manager(workdir: pathlib.Path, config, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
+                                         read_only=read_only)
   return ocp.CheckpointManager(workdir / "checkpoints", options=options,
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "data": grain.checkpoint.CheckpointHandler()})
@@ -108,6 +328,66 @@ _SAVED = nnx.Not(nnx.RngKey)
 def _train_state(model, optimizer):
   return {"model": nnx.state(model, _SAVED), "optimizer": nnx.state(optimizer, _SAVED)}
 
+
+def _short(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+def _set_aside(workdir: pathlib.Path, step: int, reason: str) -> pathlib.Path:
+  """Moves checkpoints/STEP to checkpoints_damaged/STEP (kept for inspection, out of orbax's way)."""
+  damaged = workdir / "checkpoints_damaged"
+  damaged.mkdir(exist_ok=True)
+  destination, n = damaged / str(step), 1
+  while destination.exists():
+    destination, n = damaged / f"{step}-{n}", n + 1
+  shutil.move(str(workdir / "checkpoints" / str(step)), str(destination))
+  (destination / "WHY_SET_ASIDE.txt").write_text(reason + "\n")
+  return destination
+
+
+def _restore_newest_good(workdir, config, model, optimizer, train_data):
+  """Restores the newest checkpoint that restores. Newer ones that fail are moved to checkpoints_damaged/ (only
+  once an older one has restored, so that a failure that is not damage, e.g. code that changed the model, moves
+  nothing). Returns (manager, step, train iterator); step 0 when there is no checkpoint."""
+  manager = _checkpoint_manager(workdir, config)
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    train_iter = iter(train_data)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_train_state(model, optimizer)),
+          data=grain.checkpoint.CheckpointRestore(train_iter)))
+    except Exception as error:  # pylint: disable=broad-except  (any damage: TensorStore, JSON, pytree errors)
+      failures.append((step, _short(error)))
+      print(f"Checkpoint {step} does not restore ({_short(error)}); trying the one before", file=sys.stderr,
+            flush=True)
+      continue
+    nnx.update(model, restored.state["model"])
+    nnx.update(optimizer, restored.state["optimizer"])
+    if failures:
+      manager.close()
+      if is_main_process():
+        for bad_step, reason in failures:
+          where = _set_aside(workdir, bad_step, reason)
+          print(f"Skipped checkpoint {bad_step} ({reason}); moved to {where}", file=sys.stderr, flush=True)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("vimoe_checkpoints_set_aside")
+      manager = _checkpoint_manager(workdir, config)
+    print(f"Resumed from step {step} ({manager.directory / str(step)})", flush=True)
+    return manager, step, train_iter
+  if failures:
+    manager.close()
+    listing = "\n".join(f"  step {step}: {reason}" for step, reason in failures)
+    raise RuntimeError(f"no checkpoint under {workdir / 'checkpoints'} restores:\n{listing}\nNothing was moved or "
+                       f"written. If they are damaged, move them out of checkpoints/ to start again from step 0; if "
+                       f"the code changed the model, run the code that wrote them (docs/workdirs.md)")
+  return manager, 0, iter(train_data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, mesh, batches.
 
 def build_mesh(config):
   """The ('data', 'expert') mesh from config.mesh when there is more than one device, else None."""
@@ -144,19 +424,42 @@ def _mesh_scope(mesh):
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def _place(batch, mesh):
-  """This process's rows of the global batch -> global arrays split over ('data', 'expert') on the batch axis."""
+def _batch_shards(mesh) -> int:
+  return math.prod(mesh.shape[axis] for axis in parallel.partition_axes(mesh))
+
+
+def check_batch_sizes(config, mesh) -> None:
+  """Training batches must split evenly over the mesh's batch axes (a batch that does not would be replicated on
+  every device: the same numbers at devices x the compute). Evaluation batches too, except batches of one
+  (ADE20K's images of their own sizes), which are evaluated replicated."""
+  if mesh is None:
+    return
+  shards = _batch_shards(mesh)
+  axes = parallel.partition_axes(mesh)
+  valid = ", ".join(str(shards * i) for i in range(1, 5)) + ", ..."
+  for key in ("batch_size", "eval_batch_size"):
+    size = config.get(key) or config.batch_size
+    if size % shards and not (key == "eval_batch_size" and size == jax.process_count()):
+      raise ValueError(f"config.{key}={size} does not divide over the {shards} devices of the mesh's batch axes "
+                       f"{axes} ({parallel.mesh_summary(mesh)}): every device would compute the whole batch. "
+                       f"Valid sizes: multiples of {shards} ({valid})")
+
+
+def _place(batch, mesh, train: bool = False):
+  """This process's rows of the global batch -> global arrays split over ('data', 'expert') on the batch axis.
+
+  A training batch must divide over those devices. An evaluation batch that does not (ADE20K: one image of its
+  own size per step) is replicated: every device evaluates the whole batch (one process only)."""
   if mesh is None:
     return batch
   axes = parallel.partition_axes(mesh)
   spec = jax.sharding.PartitionSpec(axes)
   rows = len(jax.tree.leaves(batch)[0])
-  shards = math.prod(mesh.shape[axis] for axis in axes)
+  shards = _batch_shards(mesh)
   if (rows * jax.process_count()) % shards:
-    # E.g. ADE20K evaluation: one image of its own size per step. One process: every device gets the whole
-    # batch (replicated). Several processes would each hold another image, which cannot be replicated.
-    if jax.process_count() > 1:
-      raise ValueError(f"a batch of {rows} rows per process cannot be split over the {shards} devices of the "
+    if train or jax.process_count() > 1:
+      raise ValueError(f"a {'training ' if train else ''}batch of {rows} rows per process "
+                       f"({jax.process_count()} process(es)) cannot be split over the {shards} devices of the "
                        f"mesh's batch axes {axes}; use a batch size divisible by {shards}")
     spec = jax.sharding.PartitionSpec()
   sharding = jax.sharding.NamedSharding(mesh, spec)
@@ -176,77 +479,180 @@ def evaluate(task, model, config, eval_step=None, mesh=None) -> dict:
   return task.summarize(sums)
 
 
-def train_and_evaluate(config, workdir) -> dict:
-  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative checkpoint paths
-  validate_config(config)
-  mesh = build_mesh(config)
-  task, model, optimizer = build(config, mesh)
-  if mesh is not None and is_main_process():
-    print(f"Mesh: {parallel.mesh_summary(mesh)}", flush=True)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if is_main_process():
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+# ---------------------------------------------------------------------------------------------------------------
+# The train step.
 
-  train_data = task.build_data(config, config.data.train_split, train=True, seed=config.seed,
-                               batch_size=config.batch_size)
-  train_iter = iter(train_data)
-  manager = _checkpoint_manager(workdir, config)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    restored = manager.restore(start_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_train_state(model, optimizer)),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
-    nnx.update(model, restored.state["model"])
-    nnx.update(optimizer, restored.state["optimizer"])
-    print(f"Resumed from step {start_step} ({manager.directory / str(start_step)})", flush=True)
-  elif config.get("init") and config.init.get("checkpoint"):
-    task.load_pretrained(model, config)
-    print(f"Initialised from {config.init.checkpoint}", flush=True)
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
-  @nnx.jit
-  def train_step(model, optimizer, batch):
+
+def make_train_step(task, config, graphdef):
+  """A pure, jitted step over (state, guard, batch) -> (state, guard, metrics), donating state and guard.
+
+  `state` is nnx.split((model, optimizer))'s state. `guard` holds on the device the step count, the first step
+  whose loss or updated parameters were not finite (0: none yet) and that step's loss, so the host need not read
+  anything back per step. The math is the one of nnx.jit over (model, optimizer); the guard only adds outputs."""
+
+  def step(state, guard, batch):
+    model, optimizer = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config), argnums=nnx.DiffState(0, optimizer.wrt),
                                  has_aux=True)
     (_, metrics), grads = grad_fn(model)
     optimizer.update(model, grads)
-    return metrics
+    loss = metrics["train/loss"]
+    finite = jnp.isfinite(loss) & _all_finite(nnx.state(model, nnx.Param))
+    number = guard["step"] + 1
+    first = (guard["first_bad"] == 0) & ~finite
+    guard = {"step": number, "first_bad": jnp.where(first, number, guard["first_bad"]),
+             "bad_loss": jnp.where(first, loss.astype(jnp.float32), guard["bad_loss"])}
+    return nnx.state((model, optimizer)), guard, metrics
 
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_loss_probe(task, config, graphdef):
+  """loss of the state's parameters on a batch (a forward pass; the state, RNG counters included, is left as it
+  is). Run before each checkpoint: a checkpoint is saved only if its parameters give a finite loss."""
+
+  def probe(state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    return task.loss(model, batch, config)[0]
+
+  return jax.jit(probe)
+
+
+def _initial_guard(step: int) -> dict:
+  return {"step": jnp.asarray(step, jnp.int32), "first_bad": jnp.asarray(0, jnp.int32),
+          "bad_loss": jnp.asarray(0.0, jnp.float32)}
+
+
+def _last_good(manager) -> str:
+  last = manager.latest_step()
+  return f"{manager.directory / str(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
+
+
+def _check_guard(guard, manager) -> None:
+  first_bad, bad_loss = (v.item() for v in jax.device_get((guard["first_bad"], guard["bad_loss"])))
+  if first_bad:
+    what = (f"loss is {bad_loss}" if not math.isfinite(bad_loss)
+            else f"the update made the parameters non-finite (loss {bad_loss:.6g})")
+    raise TrainingDiverged(f"{what} at step {first_bad}; stopping. Last good checkpoint: {_last_good(manager)}")
+
+
+def _progress(config, start_step):
+  """The progress bar: redrawn at most every 30 s when stderr is not a terminal (a SLURM or nohup log)."""
+  tty = sys.stderr.isatty()
+  disable = not is_main_process() or os.environ.get("VIMOE_NO_PROGRESS") == "1"
+  interval = dict(mininterval=0.1) if tty else dict(mininterval=30.0, maxinterval=60.0)
+  return tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step", disable=disable,
+              dynamic_ncols=tty, **interval), tty
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative checkpoint paths
+  check_workdir(workdir)
+  validate_config(config)
+  lock = _take_lock(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _take_lock(workdir: pathlib.Path) -> WorkdirLock | None:
+  """The workdir's lock, taken by the coordinating process only (the others get None); every process stops if
+  it cannot be taken."""
+  if not is_main_process():
+    _agree(True, "take the workdir lock")
+    return None
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    lock = WorkdirLock(workdir).acquire()
+  except Exception:
+    _agree(False, "take the workdir lock")
+    raise
+  _agree(True, "take the workdir lock")
+  return lock
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
+  changes = reconcile_config(config, workdir)  # raises before anything is written
+  mesh = build_mesh(config)
+  check_batch_sizes(config, mesh)
+  task, model, optimizer = build(config, mesh)
+  if mesh is not None and is_main_process():
+    print(f"Mesh: {parallel.mesh_summary(mesh)}", flush=True)
+
+  train_data = task.build_data(config, config.data.train_split, train=True, seed=config.seed,
+                               batch_size=config.batch_size)
+  manager, start_step, train_iter = _restore_newest_good(workdir, config, model, optimizer, train_data)
+  if not start_step and config.get("init") and config.init.get("checkpoint"):
+    task.load_pretrained(model, config)
+    print(f"Initialised from {config.init.checkpoint}", flush=True)
+  if is_main_process():
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if changes and start_step:
+      record = {"resumed_from_step": start_step, "time": datetime.datetime.now().astimezone().isoformat(
+          timespec="seconds"), "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}
+      with (workdir / "config_changes.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      print("Config changes on resume (recorded in config_changes.jsonl): " +
+            ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()), flush=True)
+
+  graphdef, state = nnx.split((model, optimizer))
+  train_step = make_train_step(task, config, graphdef)
+  probe = make_loss_probe(task, config, graphdef)
+  guard = _initial_guard(start_step)
   eval_step = nnx.jit(lambda m, b: task.eval_batch(m, b))
   schedule = learning_rate_schedule(config.optim)
   writer = MetricWriter(workdir, start_step)
   final = {}
-  progress = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step",
-                  disable=not is_main_process() or os.environ.get("VIMOE_NO_PROGRESS") == "1", dynamic_ncols=True)
+  progress, tty = _progress(config, start_step)
   window_start, window_examples = time.perf_counter(), 0
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      batch = _place(next(train_iter), mesh)
+      batch = _place(next(train_iter), mesh, train=True)
       with _mesh_scope(mesh):
-        metrics = train_step(model, optimizer, batch)
-      loss = float(metrics["train/loss"])
-      if not math.isfinite(loss):
-        last = manager.latest_step()
-        where = f"{manager.directory / str(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
-        raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. Last good checkpoint: {where}")
+        state, guard, metrics = train_step(state, guard, batch)
       window_examples += config.batch_size
       progress.update(1)
-      if step % config.log_every == 0 or step == config.total_steps:
-        elapsed = time.perf_counter() - window_start
+      log = step % config.log_every == 0 or step == config.total_steps
+      save = step % config.checkpoint_every == 0 or step == config.total_steps
+      evaluation = step % config.eval_every == 0 or step == config.total_steps
+      if not (log or save or evaluation):
+        continue
+      _check_guard(guard, manager)  # the one read-back of the guard: only at these steps
+      if log:
         metrics = dict(jax.device_get(metrics))
+        elapsed = time.perf_counter() - window_start
         metrics["train/lr"] = float(schedule(step - 1))
         metrics["train/examples_per_sec"] = window_examples / max(elapsed, 1e-9)
-        progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{metrics['train/examples_per_sec']:.0f}")
+        progress.set_postfix(loss=f"{float(metrics['train/loss']):.4f}",
+                             ex_s=f"{metrics['train/examples_per_sec']:.0f}", refresh=tty)
         writer.write(step, metrics)
         window_start, window_examples = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
+      if save:
+        with _mesh_scope(mesh):
+          loss = float(probe(state, batch))
+        if not math.isfinite(loss):
+          raise TrainingDiverged(
+              f"loss is {loss} with the parameters after step {step} (checkpoint {step} not saved) at step "
+              f"{step}; stopping. Last good checkpoint: {_last_good(manager)}")
+        nnx.update((model, optimizer), state)
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
                                                    data=grain.checkpoint.CheckpointSave(train_iter)))
-      if step % config.eval_every == 0 or step == config.total_steps:
+      if evaluation:
+        nnx.update((model, optimizer), state)
         final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
         progress.write(f"step {step}: {headline(final)}")
         if hasattr(task, "after_evaluation") and is_main_process():  # per-class tables, pictures
           task.after_evaluation(model, config, workdir, step, final)
+        state = nnx.state((model, optimizer))  # whatever evaluation changed in the model carries on, as before
+    nnx.update((model, optimizer), state)
   finally:
     progress.close()
     manager.wait_until_finished()
@@ -263,19 +669,34 @@ def headline(metrics: dict) -> dict:
           if isinstance(value, float) and key.count("/") == 1}
 
 
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the complete checkpoints under workdir/checkpoints (orbax's temporary directories excluded)."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def load_for_evaluation(workdir, step: int | None = None):
-  """Rebuilds the model from workdir/config.json and restores a checkpoint (the latest by default)."""
+  """Rebuilds the model from workdir/config.json and restores a checkpoint (the latest by default). Reads only:
+  nothing is created in the workdir."""
   import ml_collections
   workdir = pathlib.Path(workdir).absolute()
+  if not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir} is not a directory: is it a training workdir?")
   config_path = workdir / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path} not found: is {workdir} a training workdir?")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
+  if step is not None and step not in steps:
+    raise ValueError(f"step={step}: there is no checkpoint of step {step} under {workdir / 'checkpoints'}; "
+                     f"available steps: {steps}")
   task, model, optimizer = build(config)
-  with _checkpoint_manager(workdir, config) as manager:
+  with _checkpoint_manager(workdir, config, read_only=True) as manager:
     step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_train_state(model, optimizer))))
   nnx.update(model, restored.state["model"])
