@@ -112,3 +112,23 @@ def test_mismatched_models_are_refused(dense):
     upcycle(dense, dense)
   with pytest.raises(ValueError, match="mlp_activation differs"):
     upcycle(dense, nnx.eval_shape(lambda: build_vit(dict(moe_config(), mlp_activation="gelu"))))
+
+
+@pytest.mark.parametrize("num_shared_experts", [0, 1])
+def test_what_upcycling_preserves_with_unnormalised_top1_gates(dense, num_shared_experts):
+  """The shipped ViMoE settings (k=1, normalize_gates=False): the upcycled MLP branch is (g + S) times the dense
+  MLP, g the top-1 router probability of the image (softmax over E of its class token's router logits) and S the
+  number of shared experts; docs/moe.md ("Upcycling") states it. Only normalize_gates=True with S=0 is exact."""
+  model = upcycling_target(k=1, route_per="item", normalize_gates=False, num_shared_experts=num_shared_experts)
+  upcycle(dense, model)
+  hidden = np.random.RandomState(3).randn(4, 5, 32).astype(np.float32)            # [B, T, D]
+  for i in MOE_LAYERS:
+    layer = model.blocks[i].mlp
+    y, _ = layer(jnp.asarray(hidden), router_input=jnp.asarray(hidden[:, 0]), deterministic=True)
+    dense_mlp = np.asarray(dense.blocks[i].mlp(jnp.asarray(hidden)))             # [B, T, D]
+    logits = hidden[:, 0].astype(np.float64) @ np.asarray(layer.router.kernel[...], np.float64)   # [B, E]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    top1 = (probs / probs.sum(-1, keepdims=True)).max(-1)                         # g per image
+    np.testing.assert_allclose(np.asarray(y), (top1 + num_shared_experts)[:, None, None] * dense_mlp,
+                               atol=1e-4, rtol=1e-4)
+    assert (top1 < 0.9).all()                                   # far from 1: the dense function is not preserved

@@ -6,9 +6,12 @@ parameter (embeddings, attention, norms, LayerScale, dense MLPs of the other blo
 head is copied when the shapes agree and kept fresh otherwise. Optional Gaussian noise on the routed experts'
 copies breaks their symmetry (the shared experts stay exact copies: they are always on, nothing to break).
 
-With top-k routing, `normalize_gates=True`, no shared expert and no dropped tokens, the upcycled model computes
-exactly what the dense one did (the renormalised gates sum to 1 over identical experts). A shared expert adds one
-more copy of the MLP, so the MLP branch starts at (1 + num_shared_experts) times the dense one.
+What the upcycled MLP branch computes at step 0 (S = num_shared_experts, nothing dropped):
+- top-k with `normalize_gates=True`: (1 + S) x the dense MLP (the renormalised gates sum to 1 over identical
+  experts); with S = 0 the upcycled model computes exactly what the dense one did.
+- `normalize_gates=False`, k=1 (the shipped ViMoE configs): (g + S) x the dense MLP, g the top-1 router
+  probability (about 1/E for a fresh router: about 1.13x with E=8 and one shared expert, 0.13x without).
+docs/moe.md ("Expert initialisation and upcycling") has the table and what the ViMoE paper's recipe implies.
 """
 
 from __future__ import annotations
