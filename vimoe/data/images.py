@@ -10,9 +10,10 @@
 
 Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left out take the defaults below):
 
-  name            "digits" (embedded, no download; see vimoe.data.digits) | "imagenet2012" (tfds, see
-                  vimoe.data.imagenet). Required.
-  image_size      output side H = W. Default 32 (digits), 224 (imagenet2012).
+  name            "digits" (embedded, no download; see vimoe.data.digits) | "digit_pairs" (embedded: two-digit
+                  numbers of native 8x8 digits on a 16x16 canvas, 100 classes, or one digit, 10 classes; see
+                  vimoe.data.digit_pairs) | "imagenet2012" (tfds, see vimoe.data.imagenet). Required.
+  image_size      output side H = W. Default 32 (digits), 16 (digit_pairs: the only size), 224 (imagenet2012).
   mean, std       per-channel normalisation of pixels scaled to [0, 1]: image = (pixel - mean) / std. Three numbers
                   or one. Default ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) (DINOv2's), for both.
   augment         training augmentation on/off (default True); evaluation never augments. digits: random shift by
@@ -23,7 +24,9 @@ Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left
                   (defaults) because the workers read them. Close iterators with workers: `it.close()`.
   read_threads    threads per process (per worker, with workers) that each build whole batches; up to this many
                   batches wait in memory. Default 0 (digits: in-memory, built on demand), 16 (imagenet2012).
-  max_shift       digits: largest random shift in pixels of the upscaled image. Default 2.
+  max_shift       digits, digit_pairs: largest random shift in pixels of the (upscaled) image or canvas. Default 2.
+  task            digit_pairs: "pairs" (100 classes, default) | "single" (one digit in a random slot, 10 classes).
+  test_per_class  digit_pairs pairs: held-out pairs per class in the fixed test split. Default 100 (10,000 images).
   data_dir        imagenet2012: tfds data dir. Default None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   crop_scale      imagenet2012 training: range of the crop's area fraction. Default (0.08, 1.0).
   crop_ratio      imagenet2012 training: range of the crop's aspect ratio w/h. Default (3/4, 4/3).
@@ -31,7 +34,8 @@ Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left
                   take the central image_size square. Default 0.875 (224 -> 256 -> 224).
   interpolation   imagenet2012: "bicubic" (default, as DINOv2) | "bilinear".
 
-Splits: digits "train" (1442) | "test" (355); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
+Splits: digits "train" (1442) | "test" (355); digit_pairs "train" (pairs 1442^2, single 2 x 1442) | "test" (pairs
+100 x test_per_class, single 710); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
 
 Order and sharding. Training (`train=True`): a global shuffle of the whole split, deterministic per `seed` and
 reshuffled every epoch, identical on all processes; the shuffled split is cut to a multiple of the process count and
@@ -64,12 +68,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from vimoe.data import digits, imagenet, transforms
+from vimoe.data import digit_pairs, digits, imagenet, transforms
 
-NAMES = ("digits", "imagenet2012")
+NAMES = ("digits", "digit_pairs", "imagenet2012")
 INTERPOLATIONS = tuple(transforms.INTERPOLATIONS)
 _DEFAULTS = {
     "digits": {"image_size": 32, "read_threads": 0},
+    "digit_pairs": {"image_size": digit_pairs.CANVAS, "read_threads": 0, "task": "pairs",
+                    "test_per_class": digit_pairs.TEST_PER_CLASS},
     "imagenet2012": {"image_size": 224, "read_threads": 16},
 }
 _COMMON_DEFAULTS = {
@@ -104,6 +110,17 @@ def _resolve(config) -> dict[str, Any]:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
       raise ValueError(f"config.{key}={value!r} must be an integer >= {minimum}")
     resolved[key] = int(value)
+  if name == "digit_pairs":
+    digit_pairs.check_task(resolved["task"])
+    if resolved["image_size"] != digit_pairs.CANVAS:
+      raise ValueError(f"config.image_size={resolved['image_size']} is not supported by digit_pairs: its digits keep "
+                       f"their native 8x8 pixels on a {digit_pairs.CANVAS}x{digit_pairs.CANVAS} canvas")
+    per_class = resolved["test_per_class"]
+    if (not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool)
+        or not 1 <= per_class <= digit_pairs.MAX_TEST_PER_CLASS):
+      raise ValueError(f"config.test_per_class={per_class!r} must be an integer in [1, "
+                       f"{digit_pairs.MAX_TEST_PER_CLASS}]")
+    resolved["test_per_class"] = int(per_class)
   if resolved["interpolation"] not in INTERPOLATIONS:
     raise ValueError(f"config.interpolation={resolved['interpolation']!r} is unknown; valid: "
                      f"{', '.join(INTERPOLATIONS)}")
@@ -127,9 +144,11 @@ def _check_imagenet_split(split: str) -> None:
 
 
 def num_classes(config) -> int:
-  """10 for digits, 1000 for imagenet2012."""
-  name = _resolve(config)["name"]
-  return digits.NUM_CLASSES if name == "digits" else imagenet.NUM_CLASSES
+  """10 for digits, 100 for digit_pairs (10 with task="single"), 1000 for imagenet2012."""
+  cfg = _resolve(config)
+  if cfg["name"] == "digit_pairs":
+    return digit_pairs.NUM_CLASSES[cfg["task"]]
+  return digits.NUM_CLASSES if cfg["name"] == "digits" else imagenet.NUM_CLASSES
 
 
 def num_examples(config, split: str) -> int:
@@ -137,6 +156,8 @@ def num_examples(config, split: str) -> int:
   cfg = _resolve(config)
   if cfg["name"] == "digits":
     return digits.num_examples(split)
+  if cfg["name"] == "digit_pairs":
+    return digit_pairs.num_examples(cfg["task"], split, cfg["test_per_class"])
   _check_imagenet_split(split)
   return imagenet.num_examples(split, cfg["data_dir"])
 
@@ -144,8 +165,9 @@ def num_examples(config, split: str) -> int:
 def _source_and_transform(cfg: dict[str, Any], split: str, augment: bool):
   """(random-access source, grain Map or RandomMap turning a source example into the output element)."""
   mean, std, size = cfg["mean"], cfg["std"], cfg["image_size"]
-  if cfg["name"] == "digits":
-    source = digits.DigitsSource(split, size)
+  if cfg["name"] in ("digits", "digit_pairs"):
+    source = (digits.DigitsSource(split, size) if cfg["name"] == "digits"
+              else digit_pairs.DigitPairsSource(cfg["task"], split, cfg["test_per_class"]))
     if augment and cfg["max_shift"] > 0:
       return source, digits.DigitsTrain(mean, std, cfg["max_shift"])
     return source, digits.DigitsEval(mean, std)

@@ -1,0 +1,141 @@
+"""Two-digit numbers 00-99 made of scikit-learn digits (100 classes), and its one-digit pretraining variant.
+
+The ViMoE placement study (configs/study_pretrain.py, configs/study_placement.py) needs a task with many classes and
+thousands of held-out images that ships offline. Both tasks draw on the digits split of vimoe.data.digits (1442
+training digits, 355 held-out digits; no digit crosses the split) and keep each digit at its NATIVE 8x8 resolution
+(pixel values 0..16 divided by 16) on a 16x16 black canvas:
+
+    rows 4..11 (centred vertically); columns 0..7 = left slot (tens), columns 8..15 = right slot (units)
+
+so with 4x4 patches each digit fills its own 2x2 patches and the two are never mixed in one patch.
+
+task="pairs" (100 classes, label = 10 * tens + units):
+  train  every ordered pair (left, right) of two training digits, 1442^2 = 2,079,364 canvases, one epoch; the
+         loader shuffles them with the run's seed (grain index shuffle), so the same seed gives the same data order
+         in every run (paired arms) and a different seed another; plus the digits loader's random shift
+         augmentation (`max_shift`, applied to the whole canvas).
+  test   a FIXED set of `test_per_class` (default 100) pairs per class, 10,000 canvases, identical on every
+         machine: for class 10a+b, in class order, the pairs are `test_per_class` distinct (left, right) pairs of
+         held-out digits of classes a and b, drawn without replacement from all n_a x n_b such pairs (n = 34..36
+         held-out digits per class) by numpy's legacy `RandomState(TEST_SEED).choice`, whose stream numpy keeps
+         fixed across versions. Every held-out digit is used about 28 times in each slot, so test errors are
+         correlated through the 355 digits: the test set measures the model on these 355 digits, very precisely.
+task="single" (10 classes, the pretraining task, a stand-in for DINOv2's pretraining):
+  train  each training digit in the left slot and in the right slot (the other slot blank): 2 x 1442 canvases per
+         epoch, shuffled by the loader, with the same shift augmentation.
+  test   each held-out digit in the left and in the right slot: 710 canvases, no random numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from vimoe.data import digits
+
+TASKS = ("pairs", "single")
+NUM_CLASSES = {"pairs": 100, "single": 10}
+CANVAS = 16       # the canvas side; the only image_size these tasks support
+DIGIT = 8         # sklearn digits are 8x8
+TOP = 4           # digits occupy rows TOP .. TOP + DIGIT - 1
+TEST_PER_CLASS = 100
+TEST_SEED = 12    # ViMoE placement study, issue 12
+MAX_TEST_PER_CLASS = 34 * 34  # the smallest n_a x n_b: more distinct pairs than that do not exist for every class
+
+
+@functools.lru_cache(maxsize=2)
+def native_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images [N, 8, 8] float32 in [0, 1], labels [N] int32) of a digits split ("train" 1442, "test" 355), in the
+  order of `digits.split_indices(split)`."""
+  images, labels = digits._load()  # pylint: disable=protected-access
+  indices = digits.split_indices(split)
+  return images[indices] / np.float32(digits.MAX_PIXEL), labels[indices]
+
+
+def compose(left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
+  """A [16, 16] float32 canvas with the 8x8 `left` and `right` digits in their slots (None: blank slot)."""
+  canvas = np.zeros((CANVAS, CANVAS), np.float32)
+  for slot, image in enumerate((left, right)):
+    if image is not None:
+      canvas[TOP:TOP + DIGIT, slot * DIGIT:(slot + 1) * DIGIT] = image
+  return canvas
+
+
+def held_out_pairs(per_class: int = TEST_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
+  """(left, right) positions into `native_digits("test")` of the fixed test pairs, class-major: rows
+  c * per_class .. (c + 1) * per_class - 1 are class c = 10 * tens + units (see the module docstring)."""
+  if not 1 <= per_class <= MAX_TEST_PER_CLASS:
+    raise ValueError(f"test_per_class={per_class} must be in [1, {MAX_TEST_PER_CLASS}] (distinct held-out pairs per "
+                     f"class)")
+  _, labels = native_digits("test")
+  members = [np.flatnonzero(labels == digit) for digit in range(digits.NUM_CLASSES)]
+  rng = np.random.RandomState(TEST_SEED)  # legacy generator: numpy keeps its stream fixed
+  left, right = [], []
+  for label in range(NUM_CLASSES["pairs"]):
+    tens, units = members[label // 10], members[label % 10]
+    chosen = rng.choice(len(tens) * len(units), per_class, replace=False)
+    left.append(tens[chosen // len(units)])
+    right.append(units[chosen % len(units)])
+  return np.concatenate(left), np.concatenate(right)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_canvases(task: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = native_digits("test")
+  if task == "pairs":
+    left, right = held_out_pairs(per_class)
+    canvases = np.stack([compose(images[i], images[j]) for i, j in zip(left, right)])
+    return canvases, (10 * labels[left] + labels[right]).astype(np.int32)
+  canvases = np.stack([compose(*((image, None) if slot == 0 else (None, image)))
+                       for image in images for slot in (0, 1)])
+  return canvases, np.repeat(labels, 2).astype(np.int32)
+
+
+def check_task(task: str) -> str:
+  if task not in TASKS:
+    raise ValueError(f"digit_pairs task={task!r} is unknown; valid: {', '.join(TASKS)}")
+  return task
+
+
+def num_examples(task: str, split: str, per_class: int = TEST_PER_CLASS) -> int:
+  check_task(task)
+  if split not in digits.SPLITS:
+    raise ValueError(f"digit_pairs split={split!r} is unknown; valid splits: {', '.join(digits.SPLITS)}")
+  if split == "test":
+    return NUM_CLASSES["pairs"] * per_class if task == "pairs" else 2 * digits.num_examples("test")
+  n = digits.num_examples("train")
+  return n * n if task == "pairs" else 2 * n
+
+
+class DigitPairsSource:
+  """Random-access source of {"image": grey [16, 16] float32 in [0, 1], "label": int32} for grain.
+
+  Training canvases are composed when read (train pairs: index i = left * n + right over the n training digits;
+  single: index i = 2 * digit + slot); test canvases are built once and cached."""
+
+  def __init__(self, task: str, split: str, per_class: int = TEST_PER_CLASS):
+    self.task, self.split = check_task(task), split
+    self._length = num_examples(task, split, per_class)
+    if split == "test":
+      self._images, self._labels = _test_canvases(task, per_class)
+    else:
+      self._digits, self._digit_labels = native_digits("train")
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < self._length:
+      raise IndexError(f"index {index} outside [0, {self._length})")
+    if self.split == "test":
+      return {"image": self._images[index], "label": self._labels[index]}
+    if self.task == "pairs":
+      left, right = divmod(index, len(self._digits))
+      label = 10 * self._digit_labels[left] + self._digit_labels[right]
+      return {"image": compose(self._digits[left], self._digits[right]), "label": np.int32(label)}
+    digit, slot = divmod(index, 2)
+    image = self._digits[digit]
+    canvas = compose(image, None) if slot == 0 else compose(None, image)
+    return {"image": canvas, "label": np.int32(self._digit_labels[digit])}
