@@ -1,0 +1,261 @@
+"""The ViMoE placement study (issue 12): the digit-pair task, the study's sweep, its statistics and claims, and a
+smoke run of scripts/run_study.py at tiny size.
+
+Expected values come from independent computations: digits read back off the canvas and matched against
+`load_digits()`, t-intervals worked by hand and recomputed with scipy.stats, seeds-needed cases by hand."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.datasets import load_digits
+
+from vimoe import data
+from vimoe.analysis import study
+from vimoe.data import digit_pairs
+from vimoe.train import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def pairs_config(**overrides):
+  return {"name": "digit_pairs", "mean": (0.0,), "std": (1.0,), "augment": False, **overrides}
+
+
+def read_back(canvases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The 8x8 left and right slots of grey canvases [N, 16, 16] (pixels x 16: the sklearn values)."""
+  slots = canvases[:, 4:12] * 16.0
+  return slots[:, :, :8], slots[:, :, 8:]
+
+
+def identify(slots: np.ndarray) -> np.ndarray:
+  """The sklearn digit label of each 8x8 slot, by exact match against load_digits() (-1: blank slot)."""
+  digits = load_digits()
+  lookup = {}
+  for image, label in zip(digits.images, digits.target):
+    lookup.setdefault(image.astype(np.float32).tobytes(), set()).add(int(label))
+  out = []
+  for slot in slots:
+    if not slot.any():
+      out.append(-1)
+      continue
+    labels = lookup[np.round(slot).astype(np.float32).tobytes()]
+    assert len(labels) == 1
+    out.append(next(iter(labels)))
+  return np.asarray(out)
+
+
+def eval_set(config):
+  batches = list(data.build_image_dataset(config, "test", batch_size=500, seed=0, train=False, process_index=0,
+                                          process_count=1))
+  images = np.concatenate([batch["image"] for batch in batches])
+  labels = np.concatenate([batch["label"] for batch in batches])
+  return images[labels >= 0], labels[labels >= 0]
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+def test_pair_test_set_is_fixed_balanced_and_labelled_by_its_digits():
+  images, labels = eval_set(pairs_config())
+  assert images.shape == (10_000, 16, 16, 3) and len(labels) == 10_000
+  assert data.num_classes(pairs_config()) == 100 and data.num_examples(pairs_config(), "test") == 10_000
+  np.testing.assert_array_equal(np.bincount(labels, minlength=100), np.full(100, 100))
+  grey = images[..., 0]
+  left, right = read_back(grey)
+  np.testing.assert_array_equal(labels, 10 * identify(left) + identify(right))
+  assert not grey[:, :4].any() and not grey[:, 12:].any()  # rows 4..11 only
+  # Only held-out digits, and the pairs of a class are distinct.
+  held_out = {image.astype(np.float32).tobytes() for image in load_digits().images[data.digits.split_indices("test")]}
+  for slot in (left, right):
+    assert all(np.round(s).astype(np.float32).tobytes() in held_out for s in slot[::97])
+  left_index, right_index = digit_pairs.held_out_pairs()
+  assert len(set(zip(left_index.tolist(), right_index.tolist()))) == 10_000
+  # A second build (caches cleared) gives the same canvases in the same order.
+  digit_pairs._test_canvases.cache_clear()  # pylint: disable=protected-access
+  again, again_labels = eval_set(pairs_config())
+  np.testing.assert_array_equal(again, images)
+  np.testing.assert_array_equal(again_labels, labels)
+
+
+def train_batches(seed, count=3, **overrides):
+  config = pairs_config(**{"augment": True, "max_shift": 1, **overrides})
+  iterator = iter(data.build_image_dataset(config, "train", batch_size=32, seed=seed, train=True, process_index=0,
+                                           process_count=1))
+  return [next(iterator) for _ in range(count)]
+
+
+def test_train_order_is_fixed_by_the_seed_and_labels_match_the_digits():
+  first, second, other = train_batches(0), train_batches(0), train_batches(1)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert not np.array_equal(np.concatenate([b["label"] for b in first]), np.concatenate([b["label"] for b in other]))
+  # Without the shift, every canvas reads back to its label's two training digits.
+  unshifted = train_batches(0, count=2, augment=False)
+  grey = np.concatenate([batch["image"][..., 0] for batch in unshifted])
+  labels = np.concatenate([batch["label"] for batch in unshifted])
+  left, right = read_back(grey)
+  np.testing.assert_array_equal(labels, 10 * identify(left) + identify(right))
+  assert len(np.unique(labels)) > 30  # random pairs, not a sorted sweep through the classes
+  assert data.num_examples(pairs_config(), "train") == 1442 ** 2
+
+
+def test_single_digit_variant():
+  config = pairs_config(task="single")
+  assert data.num_classes(config) == 10 and data.num_examples(config, "train") == 2 * 1442
+  images, labels = eval_set(config)
+  assert len(labels) == 710
+  left, right = read_back(images[..., 0])
+  left_labels, right_labels = identify(left), identify(right)
+  assert np.all((left_labels == -1) != (right_labels == -1))  # exactly one slot holds a digit
+  np.testing.assert_array_equal(labels, np.maximum(left_labels, right_labels))
+  assert (left_labels >= 0).sum() == (right_labels >= 0).sum() == 355
+  batch = train_batches(3, count=1, task="single", augment=False)[0]
+  left, right = read_back(batch["image"][..., 0])
+  np.testing.assert_array_equal(batch["label"], np.maximum(identify(left), identify(right)))
+
+
+def test_bad_digit_pairs_configs():
+  with pytest.raises(ValueError, match="task='triple'"):
+    data.num_classes(pairs_config(task="triple"))
+  with pytest.raises(ValueError, match="image_size=32"):
+    data.num_classes(pairs_config(image_size=32))
+  with pytest.raises(ValueError, match="test_per_class=0"):
+    data.num_classes(pairs_config(test_per_class=0))
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+def test_t_interval_by_hand_and_against_scipy():
+  interval = study.t_interval([1.0, 2.0, 3.0])
+  assert interval["mean"] == 2.0 and interval["std"] == 1.0 and interval["n"] == 3
+  assert interval["half"] == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5)  # t_{2, .975} = 4.3027: 2.484
+  assert interval["half"] == pytest.approx(2.4841, abs=1e-4)
+  paired = study.paired_interval({0: 80.0, 1: 82.0, 2: 84.0, 7: 99.0}, {0: 79.0, 1: 80.0, 2: 81.0})
+  assert paired["seeds"] == [0, 1, 2] and paired["differences"] == [1.0, 2.0, 3.0]
+  assert paired["half"] == pytest.approx(interval["half"])
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(90, 2, 6), rng.normal(89, 2, 6)
+  mine = study.paired_interval(dict(enumerate(a)), dict(enumerate(b)))
+  low, high = stats.t.interval(0.95, 5, loc=np.mean(a - b), scale=stats.sem(a - b))
+  assert (mine["low"], mine["high"]) == (pytest.approx(low), pytest.approx(high))
+  assert math.isnan(study.t_interval([5.0])["half"])
+
+
+def test_seeds_needed_by_hand():
+  # s = 1: n=7 gives t_6 / sqrt(7) = 2.447 / 2.646 = 0.925 <= 1; n=6 gives 2.571 / 2.449 = 1.050 > 1.
+  assert study.seeds_needed(1.0) == 7
+  # s = 0.5: n=3 gives 4.303 * 0.5 / 1.732 = 1.242; n=4: 3.182 * 0.5 / 2 = 0.796.
+  assert study.seeds_needed(0.5) == 4
+  assert study.seeds_needed(0.0) == 2 and study.seeds_needed(float("nan")) is None
+  for s in (0.3, 1.7, 2.5):
+    n = study.seeds_needed(s)
+    assert stats.t.ppf(0.975, n - 1) * s / math.sqrt(n) <= 1 < stats.t.ppf(0.975, n - 2) * s / math.sqrt(n - 1)
+
+
+def synthetic_arms():
+  """{(L, shared): {seed: points}}: with the shared expert flat at 90 (+ a seed effect), without it falling with L;
+  L=6 worst in both settings."""
+  seed_effect = {0: 0.0, 1: 0.4, 2: -0.3, 3: 0.1}
+  noise = {0: 0.05, 1: -0.05, 2: 0.02, 3: -0.02}
+  arms = {(0, 0): {s: 89.0 + e for s, e in seed_effect.items()}}
+  for L, drop in ((1, 0.0), (2, 1.0), (3, 2.0), (6, 5.0)):
+    arms[(L, 0)] = {s: 91.0 - drop + e + noise[s] for s, e in seed_effect.items()}
+    arms[(L, 1)] = {s: 90.0 - (0.5 if L == 6 else 0.0) + e - noise[s] for s, e in seed_effect.items()}
+  return arms
+
+
+def test_summary_and_claims_on_synthetic_arms():
+  summary = study.summarize(synthetic_arms(), point_seconds=60.0)
+  assert summary["Ls"] == [1, 2, 3, 6] and summary["complete_seeds"] == [0, 1, 2, 3] and summary["num_arms"] == 9
+  assert summary["vs_dense"]["L=1 no-shared"]["mean"] == pytest.approx(2.0, abs=1e-9)
+  assert summary["vs_dense"]["L=6 no-shared"]["high"] < 0
+  at6 = summary["shared_vs_no_shared"][6]
+  assert at6["mean"] == pytest.approx(3.5) and at6["meets_target"]
+  at1 = summary["shared_vs_no_shared"][1]  # differences -1.1, -0.9, -1.04, -0.96: sd 0.089
+  assert at1["seeds_needed"] == 2 and at1["extra_seeds"] == 0 and at1["extra_minutes"] == 0
+  flat = summary["flatness"]
+  assert flat[1]["spread_of_means"] == pytest.approx(0.5) and flat[0]["spread_of_means"] == pytest.approx(5.0)
+  assert flat["verdict"] == "reproduced"
+  many = summary["too_many_layers"]
+  assert many[0]["best_other_L"] == 1 and many[0]["verdict"] == "reproduced"
+  assert many[1]["verdict"] == "reproduced" and many[1]["mean"] == pytest.approx(-0.5)
+  # Swapping the settings turns the flatness claim around.
+  swapped = {(L, 1 - s if L else 0): values for (L, s), values in synthetic_arms().items()}
+  assert study.summarize(swapped)["flatness"]["verdict"] == "contradicted"
+  # Two seeds of pure noise resolve nothing.
+  noisy = {(L, s): {0: 90.0 + (L * 7 + s * 3) % 5, 1: 90.0 - (L * 5 + s) % 4} for L, s in synthetic_arms()}
+  assert study.summarize(noisy)["too_many_layers"][0]["verdict"] == "unresolved"
+
+
+def test_specialization_verdict():
+  def analysis(scores, chance=0.05):
+    return {"layers": {f"block{i}": {"block": i, "specialization": s, "chance_specialization": chance}
+                       for i, s in enumerate(scores)}}
+  assert study.specialization_verdict(analysis([0.1, 0.2, 0.3, 0.5, 0.6, 0.8]), 6)["verdict"] == "reproduced"
+  assert study.specialization_verdict(analysis([0.8, 0.6, 0.5, 0.3, 0.2, 0.1]), 6)["verdict"] == "contradicted"
+  assert study.specialization_verdict(analysis([0.06] * 6), 6)["verdict"] == "unresolved"  # not above chance
+
+
+# ---------------------------------------------------------------------------------------------------------- sweep
+
+def test_study_sweep_points():
+  module = sweep.load_config_module(ROOT / "configs" / "study_placement.py")
+  points = sweep.sweep_points(module, "seeds=3")
+  assert len(points) == 9 * 3
+  assert [point["seed"] for point in points] == [0] * 9 + [1] * 9 + [2] * 9  # seeds outermost
+  arms = [(point["model.moe.layers"], point["model.moe.num_shared_experts"]) for point in points[:9]]
+  assert arms == [("none", 0)] + [(f"last:{L}", s) for L in (1, 2, 3, 6) for s in (0, 1)]
+  for seed in range(3):
+    assert [(p["model.moe.layers"], p["model.moe.num_shared_experts"]) for p in points[9 * seed:9 * seed + 9]] == arms
+  config = sweep.point_config(module, "steps=123", points[8], {"init.checkpoint": "/somewhere"})
+  assert config.total_steps == config.optim.total_steps == 123
+  assert (config.model.moe.num_experts, config.model.moe.k, config.model.moe.route_per) == (8, 1, "item")
+  assert config.model.moe.capacity_factor is None and config.model.moe.dispatch == "gather"
+  assert config.model.num_classes == 100 and config.data.task == "pairs" and config.init.checkpoint == "/somewhere"
+  pretrain = sweep.load_config_module(ROOT / "configs" / "study_pretrain.py").get_config()
+  for key in ("dim", "depth", "num_heads", "mlp_dim", "patch_size", "image_size"):
+    assert pretrain.model[key] == config.model[key], key
+  assert pretrain.model.moe.layers == "none" and pretrain.data.task == "single" and pretrain.model.num_classes == 10
+  assert len(sweep.sweep_points(module, None)) == 9 * 5
+  with pytest.raises(ValueError, match="not understood"):
+    module.get_config("step=3")
+
+
+# ------------------------------------------------------------------------------------------------------ smoke run
+
+def test_run_study_tiny_end_to_end(tmp_path, subprocess_env):
+  """Both stages and the report at tiny size (2 blocks of dim 32, a few steps, L=2 only, 2 seeds); a rerun trains
+  nothing and writes the same table."""
+  root = tmp_path / "study"
+  command = [sys.executable, str(ROOT / "scripts" / "run_study.py"), "--workdir", str(root), "--tiny"]
+  result = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert (root / "pretrain" / "params_export" / "model_config.json").exists()
+  names = sorted(path.name for path in (root / "sweep").iterdir())
+  assert names == sorted(f"layers={layers},shared={shared},seed={seed}" for seed in (0, 1)
+                         for layers, shared in (("none", 0), ("last_2", 0), ("last_2", 1)))
+  point_config = json.loads((root / "sweep" / names[0] / "config.json").read_text())
+  assert point_config["init"]["checkpoint"] == str(root / "pretrain" / "params_export")
+  report = (root / "study.md").read_text()
+  for text in ("| dense | 0 | - | 2 |", "| L=2 shared | 2 | 1 | 2 |", "## Shared minus no-shared at each L",
+               "Layer-keep advice", "(a) The shared expert", "(b) Deep layers", "(c) Too many sparse layers"):
+    assert text in report, text
+  numbers = json.loads((root / "study.json").read_text())
+  assert numbers["summary"]["complete_seeds"] == [0, 1]
+  assert sorted(numbers["summary"]["arms"]) == ["L=2 no-shared", "L=2 shared", "dense"]
+  assert numbers["summary"]["shared_vs_no_shared"]["2"]["seeds"] == [0, 1]
+  assert (root / "study_accuracy_vs_L.png").stat().st_size > 0
+  assert (root / "routing_shared1" / "routing_all.png").exists()
+  times = json.loads((root / "study_times.json").read_text())
+  assert len(times["points"]) == 6 and times["invocations"][0]["stage1_s"] > 0
+  again = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert "finished before, skipped" in again.stdout and "0 trained" in again.stdout
+  assert (root / "study.md").read_text().split("## Accuracy per arm")[1] == report.split("## Accuracy per arm")[1]
+  assert len(json.loads((root / "study_times.json").read_text())["invocations"]) == 2

@@ -1,0 +1,487 @@
+"""The ViMoE placement study's report (issue 12): paired-seed statistics over a sweep's workdirs, the accuracy-vs-L
+figure, the routing analysis of the all-MoE models, and a verdict on each of the paper's claims.
+
+scripts/run_study.py trains the study (configs/study_pretrain.py, configs/study_placement.py) and calls
+`write_report(WORKDIR)`, which reads WORKDIR/sweep/<point>/ (config.json, metrics.jsonl) and writes
+
+    WORKDIR/study.md            the tables, the claim-by-claim lines and what a narrower interval would cost
+    WORKDIR/study.json          every number of study.md
+    WORKDIR/study_accuracy_vs_L.png    the paper's figure 2: top-1 vs L, shared expert on/off, 95 % CI bars,
+                                       the dense fine-tune as a band
+    WORKDIR/routing_shared{0,1}/       routing heatmaps and routing_analysis.json of the seed-0 all-MoE points
+
+Statistics. An arm is a setting of (model.moe.layers, model.moe.num_shared_experts); its points differ only in the
+seed, and the same seed gives every arm the same data order, so arms are compared seed by seed. For values x_1..x_n
+(accuracies of one arm, or per-seed differences between two arms over their common seeds), the 95 % interval is
+mean +- t_{n-1, 0.975} s / sqrt(n), s the sample standard deviation (ddof=1). The seeds needed for a half-width of at
+most `target` at a measured s are the smallest n >= 2 with t_{n-1, 0.975} s / sqrt(n) <= target. Accuracies are
+reported in points (top-1 x 100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+
+import numpy as np
+
+CONFIDENCE = 0.95
+TARGET_POINTS = 1.0  # the issue's target: paired 95 % CI of shared vs no-shared at most +-1 point at each L
+CHANCE_FACTOR = 2.0  # a block "specialises" when S >= this x its shuffled-label score (as the routing advice)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+def t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
+  """t_{dof, (1 + confidence) / 2}: the two-sided critical value."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return float(stats.t.ppf(0.5 + confidence / 2, dof))
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+  """{"n", "mean", "std" (ddof=1), "half" (t_{n-1} std / sqrt(n)), "low", "high"}; std and half are NaN for n < 2."""
+  values = np.asarray(list(values), np.float64)
+  n = len(values)
+  mean = float(values.mean()) if n else float("nan")
+  std = float(values.std(ddof=1)) if n > 1 else float("nan")
+  half = t_quantile(n - 1, confidence) * std / math.sqrt(n) if n > 1 else float("nan")
+  return {"n": n, "mean": mean, "std": std, "half": half, "low": mean - half, "high": mean + half}
+
+
+def paired_interval(a: dict, b: dict, confidence: float = CONFIDENCE) -> dict:
+  """The t-interval of a[seed] - b[seed] over the seeds both hold; adds "seeds" and "differences"."""
+  seeds = sorted(set(a) & set(b))
+  differences = [a[seed] - b[seed] for seed in seeds]
+  return {**t_interval(differences, confidence), "seeds": seeds, "differences": differences}
+
+
+def seeds_needed(std: float, target: float = TARGET_POINTS, confidence: float = CONFIDENCE,
+                 limit: int = 100_000) -> int | None:
+  """The smallest n >= 2 with t_{n-1} std / sqrt(n) <= target (None for a NaN std or when over `limit`)."""
+  if not math.isfinite(std):
+    return None
+  n = 2
+  while t_quantile(n - 1, confidence) * std / math.sqrt(n) > target:
+    n += 1
+    if n > limit:
+      return None
+  return n
+
+
+def verdict(interval: dict, *, reproduced_if: str) -> str:
+  """'reproduced' when the interval lies entirely on the claim's side of 0 (reproduced_if 'below' or 'above'),
+  'contradicted' when entirely on the other side, else 'unresolved' (also for fewer than 2 seeds)."""
+  low, high = interval["low"], interval["high"]
+  if not (math.isfinite(low) and math.isfinite(high)):
+    return "unresolved"
+  below, above = high < 0, low > 0
+  if reproduced_if == "below":
+    return "reproduced" if below else "contradicted" if above else "unresolved"
+  return "reproduced" if above else "contradicted" if below else "unresolved"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+def layer_count(layers) -> int:
+  """'none' -> 0, 'last:L' -> L."""
+  if layers in (None, "", "none"):
+    return 0
+  match = re.fullmatch(r"last:(\d+)", str(layers))
+  if not match:
+    raise ValueError(f"model.moe.layers={layers!r}: the study reads 'none' or 'last:L'")
+  return int(match.group(1))
+
+
+def arm_name(L: int, shared: int) -> str:
+  return "dense" if L == 0 else f"L={L} {'shared' if shared else 'no-shared'}"
+
+
+def collect_points(sweep_root) -> list[dict]:
+  """One row per point workdir: {"point", "workdir", "L", "shared", "seed", "value" (top-1 in points or None),
+  "finished", "depth", "config"}."""
+  from vimoe.train import sweep  # pylint: disable=import-outside-toplevel
+  rows = []
+  for config_path in sorted(pathlib.Path(sweep_root).glob("*/config.json")):
+    config = json.loads(config_path.read_text())
+    value, _, finished = sweep.final_value(sweep.read_metrics(config_path.parent), "eval/top1",
+                                           config["total_steps"])
+    L = layer_count(config["model"]["moe"]["layers"])
+    rows.append({"point": config_path.parent.name, "workdir": str(config_path.parent), "L": L,
+                 "shared": int(config["model"]["moe"]["num_shared_experts"] or 0) if L else 0,
+                 "seed": int(config["seed"]), "value": None if value is None else 100.0 * value,
+                 "finished": finished, "depth": int(config["model"]["depth"]), "config": config})
+  return rows
+
+
+def arm_values(rows: list[dict]) -> dict[tuple[int, int], dict[int, float]]:
+  """{(L, shared): {seed: top-1 in points}} of the finished points."""
+  arms: dict[tuple[int, int], dict[int, float]] = {}
+  for row in rows:
+    if row["finished"]:
+      arms.setdefault((row["L"], row["shared"]), {})[row["seed"]] = row["value"]
+  return dict(sorted(arms.items()))
+
+
+def complete_seeds(arms: dict) -> list[int]:
+  """Seeds that every arm finished (the paired comparisons use these)."""
+  if not arms:
+    return []
+  return sorted(set.intersection(*(set(values) for values in arms.values())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The analysis
+# ---------------------------------------------------------------------------------------------------------------
+
+def summarize(arms: dict, *, point_seconds: float | None = None, target: float = TARGET_POINTS) -> dict:
+  """Per-arm intervals, paired differences vs dense and shared vs no-shared, flatness, too-many-layers, and the
+  seeds needed to reach +-target on the shared-vs-no-shared intervals."""
+  per_arm = {arm_name(*key): {"L": key[0], "shared": key[1], "values": values,
+                              **t_interval(values.values())}
+             for key, values in arms.items()}
+  moe_keys = [key for key in arms if key[0] > 0]
+  Ls = sorted({key[0] for key in moe_keys})
+  dense = arms.get((0, 0))
+  vs_dense = {arm_name(*key): paired_interval(arms[key], dense) for key in moe_keys} if dense else {}
+  shared_vs = {L: paired_interval(arms[(L, 1)], arms[(L, 0)]) for L in Ls if (L, 1) in arms and (L, 0) in arms}
+  seeds = complete_seeds(arms)
+  num_arms = len(arms)
+  for interval in shared_vs.values():
+    interval["meets_target"] = bool(math.isfinite(interval["half"]) and interval["half"] <= target)
+    needed = seeds_needed(interval["std"], target)
+    interval["seeds_needed"] = needed
+    extra = None if needed is None else max(0, needed - interval["n"])
+    interval["extra_seeds"] = extra
+    interval["extra_minutes"] = (None if extra is None or point_seconds is None
+                                 else extra * num_arms * point_seconds / 60.0)
+  return {"arms": per_arm, "vs_dense": vs_dense, "shared_vs_no_shared": shared_vs, "Ls": Ls,
+          "complete_seeds": seeds, "num_arms": num_arms, "point_seconds": point_seconds,
+          "flatness": flatness(arms, Ls), "too_many_layers": too_many_layers(arms, Ls)}
+
+
+def flatness(arms: dict, Ls: list[int]) -> dict:
+  """Claim (a), the shared expert stabilises and flattens accuracy across L: per setting the spread (max - min
+  over L) of the arm means and the mean seed std; per seed the spread over L, and the paired interval of
+  spread(shared) - spread(no-shared) over the seeds both settings finished at every L."""
+  out = {}
+  for shared in (0, 1):
+    keys = [(L, shared) for L in Ls if (L, shared) in arms]
+    if not keys:
+      continue
+    means = [float(np.mean(list(arms[key].values()))) for key in keys]
+    stds = [t_interval(arms[key].values())["std"] for key in keys]
+    seeds = sorted(set.intersection(*(set(arms[key]) for key in keys)))
+    out[shared] = {"spread_of_means": max(means) - min(means), "mean_seed_std": float(np.nanmean(stds))
+                   if any(math.isfinite(s) for s in stds) else float("nan"),
+                   "per_seed_spread": {seed: max(arms[key][seed] for key in keys) -
+                                       min(arms[key][seed] for key in keys) for seed in seeds}}
+  if 0 in out and 1 in out:
+    difference = paired_interval(out[1]["per_seed_spread"], out[0]["per_seed_spread"])
+    out["difference"] = difference
+    out["verdict"] = verdict(difference, reproduced_if="below")
+  else:
+    out["verdict"] = "unresolved"
+  return out
+
+
+def too_many_layers(arms: dict, Ls: list[int]) -> dict:
+  """Claim (c), too many sparse layers hurt with little data: per shared setting, the all-blocks arm minus the best
+  other L (by mean), paired over seeds; reproduced when that interval is entirely below 0. (Picking the best L on the
+  same runs favours it slightly: the interval is an optimistic test of the claim.)"""
+  out = {}
+  if not Ls:
+    return out
+  deepest = max(Ls)
+  for shared in (0, 1):
+    others = [L for L in Ls if L != deepest and (L, shared) in arms]
+    if (deepest, shared) not in arms or not others:
+      continue
+    best = max(others, key=lambda L: np.mean(list(arms[(L, shared)].values())))
+    interval = paired_interval(arms[(deepest, shared)], arms[(best, shared)])
+    out[shared] = {"all_L": deepest, "best_other_L": best, **interval,
+                   "verdict": verdict(interval, reproduced_if="below")}
+  return out
+
+
+def digit_specialization(log_path) -> dict:
+  """Per block, the specialisation S with respect to the tens digit and to the units digit alone (which half of
+  the canvas the routing follows), from the saved routing log."""
+  from vimoe.analysis import routing  # pylint: disable=import-outside-toplevel
+  log = routing.RoutingLog.load(log_path)
+  out = {}
+  for name, choice in log.choices.items():
+    out[name] = {part: routing.specialization_score(routing.routing_matrix(labels, choice, 10, log.num_experts))
+                 for part, labels in (("tens", log.labels // 10), ("units", log.labels % 10))}
+  return out
+
+
+def specialization_verdict(analysis: dict, depth: int) -> dict:
+  """Claim (b), deep layers specialise by class, for one routing analysis: reproduced when the deeper half of the
+  blocks scores higher on average than the shallower half AND the best block is in the deeper half with S >=
+  CHANCE_FACTOR x its shuffled-label score; contradicted when the shallower half wins both ways; else unresolved."""
+  layers = analysis["layers"]
+  if not layers:
+    return {"verdict": "unresolved", "reason": "no MoE layer"}
+  deep = [name for name, layer in layers.items() if layer["block"] >= depth / 2]
+  shallow = [name for name in layers if name not in deep]
+  best = max(layers, key=lambda name: layers[name]["specialization"])
+  best_layer = layers[best]
+  above = best_layer["specialization"] >= CHANCE_FACTOR * best_layer["chance_specialization"]
+  mean = lambda names: float(np.mean([layers[n]["specialization"] for n in names])) if names else float("nan")
+  deep_mean, shallow_mean = mean(deep), mean(shallow)
+  if not shallow:
+    result = "reproduced" if above else "unresolved"
+  elif above and best in deep and deep_mean > shallow_mean:
+    result = "reproduced"
+  elif above and best in shallow and shallow_mean > deep_mean:
+    result = "contradicted"
+  else:
+    result = "unresolved"
+  return {"verdict": result, "best_block": best, "best_S": best_layer["specialization"],
+          "best_chance": best_layer["chance_specialization"], "deep_mean_S": deep_mean,
+          "shallow_mean_S": shallow_mean}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing analyses of the all-MoE points
+# ---------------------------------------------------------------------------------------------------------------
+
+def routing_analyses(rows: list[dict], output_root, seed: int = 0) -> dict:
+  """vimoe.analysis.routing.analyze_workdir on the finished all-blocks points of `seed` (shared off and on), into
+  OUTPUT_ROOT/routing_shared{0,1}/; an analysis already there for the same checkpoint step is reused.
+  Returns {shared: analysis (plus "digits": digit_specialization, "output_dir")}."""
+  from vimoe.analysis import routing  # pylint: disable=import-outside-toplevel
+  from vimoe.train.trainer import checkpoint_steps  # pylint: disable=import-outside-toplevel
+  out = {}
+  if not rows:
+    return out
+  depth = max(row["depth"] for row in rows)
+  for shared in (0, 1):
+    matches = [row for row in rows if row["L"] == depth and row["shared"] == shared and row["seed"] == seed
+               and row["finished"]]
+    if not matches:
+      continue
+    row = matches[0]
+    output_dir = pathlib.Path(output_root) / f"routing_shared{shared}"
+    cached = output_dir / "routing_analysis.json"
+    steps = checkpoint_steps(row["workdir"])
+    analysis = None
+    if cached.exists() and steps:
+      previous = json.loads(cached.read_text())
+      if previous.get("step") == steps[-1] and previous.get("workdir") == str(pathlib.Path(row["workdir"]).absolute()):
+        analysis = previous
+    if analysis is None:
+      analysis = routing.analyze_workdir(row["workdir"], output_dir=output_dir)
+    analysis["digits"] = digit_specialization(output_dir / "routing_log.npz")
+    analysis["output_dir"] = str(output_dir)
+    analysis["point"] = row["point"]
+    out[shared] = analysis
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figure and report
+# ---------------------------------------------------------------------------------------------------------------
+
+def plot_accuracy_vs_L(summary: dict, path) -> pathlib.Path:
+  """Top-1 vs L with 95 % CI bars, shared expert off and on; the dense fine-tune as a horizontal band (its CI)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figure = Figure(figsize=(6, 4), layout="constrained")
+  axis = figure.subplots()
+  arms = summary["arms"]
+  dense = arms.get("dense")
+  if dense:
+    half = dense["half"] if math.isfinite(dense["half"]) else 0.0
+    axis.axhspan(dense["mean"] - half, dense["mean"] + half, color="grey", alpha=0.25, label="dense (95% CI)")
+    axis.axhline(dense["mean"], color="grey", linewidth=1)
+  for shared, shift in ((0, -0.04), (1, 0.04)):
+    members = sorted((arm for arm in arms.values() if arm["L"] > 0 and arm["shared"] == shared),
+                     key=lambda arm: arm["L"])
+    if not members:
+      continue
+    x = [arm["L"] + shift for arm in members]
+    y = [arm["mean"] for arm in members]
+    error = [arm["half"] if math.isfinite(arm["half"]) else 0.0 for arm in members]
+    axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label="shared expert" if shared else "no shared expert")
+  axis.set_xticks(summary["Ls"])
+  axis.set_xlabel("L (MoE in the last L blocks)")
+  axis.set_ylabel("held-out top-1 (points; mean, 95% CI over seeds)")
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=8)
+  path = pathlib.Path(path)
+  figure.savefig(path, dpi=120)
+  return path
+
+
+def _points(value: float, digits: int = 2) -> str:
+  return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _interval_text(interval: dict) -> str:
+  if interval["n"] < 2:
+    return f"{_points(interval['mean'])} (n={interval['n']}, no interval)"
+  return (f"{interval['mean']:+.2f} ± {interval['half']:.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}] "
+          f"(n={interval['n']})")
+
+
+def _json_ready(value):
+  if isinstance(value, dict):
+    return {str(key): _json_ready(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_ready(item) for item in value]
+  if isinstance(value, (np.floating, float)):
+    return None if not math.isfinite(float(value)) else float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def report_markdown(summary: dict, routing: dict, depth: int, *, times: dict | None = None,
+                    figure: str | None = None, unfinished=()) -> str:
+  """study.md: tables, figure, routing, claims, CI target."""
+  lines = ["# ViMoE placement study (issue 12): fine-tuned from the stage-1 backbone", ""]
+  seeds = summary["complete_seeds"]
+  lines.append(f"{summary['num_arms']} arms; seeds finished by every arm: {seeds or 'none'}. Top-1 on the held-out "
+               f"pairs in points (x100); intervals are 95 % t-intervals over seeds; differences are paired by seed.")
+  if times:
+    total = times.get("total_s")
+    stage = {key: sum(run.get(key, 0.0) for run in times.get("invocations", []))
+             for key in ("stage1_s", "stage2_s", "report_s")}
+    lines.append(f"Wall time (all invocations): {_minutes(total)} = stage 1 {_minutes(stage['stage1_s'])}, stage 2 "
+                 f"{_minutes(stage['stage2_s'])}, report {_minutes(stage['report_s'])}; mean time per trained point "
+                 f"{_points(summary['point_seconds'], 0)} s.")
+  if unfinished:
+    lines.append(f"Not finished (left out): {', '.join(unfinished)}.")
+  lines += ["", "## Accuracy per arm", "",
+            "| arm | L | shared | seeds | mean ± 95% CI | seed std | per seed |", "|---|---|---|---|---|---|---|"]
+  for name, arm in summary["arms"].items():
+    per_seed = ", ".join(f"{value:.2f}" for _, value in sorted(arm["values"].items()))
+    ci = f"{arm['mean']:.2f}" + (f" ± {arm['half']:.2f}" if math.isfinite(arm["half"]) else "")
+    lines.append(f"| {name} | {arm['L']} | {arm['shared'] if arm['L'] else '-'} | {arm['n']} | {ci} | "
+                 f"{_points(arm['std'])} | {per_seed} |")
+  if figure:
+    lines += ["", f"![top-1 vs L]({figure})"]
+  lines += ["", "## Paired differences vs the dense fine-tune (MoE arm minus dense, points)", "",
+            "| arm | mean ± 95% CI [low, high] | resolved |", "|---|---|---|"]
+  for name, interval in summary["vs_dense"].items():
+    lines.append(f"| {name} | {_interval_text(interval)} | {_resolved(interval)} |")
+  lines += ["", "## Shared minus no-shared at each L (points)", "",
+            f"| L | mean ± 95% CI [low, high] | sd of differences | half-width <= {TARGET_POINTS:g}? | seeds for "
+            f"±{TARGET_POINTS:g} | extra minutes |", "|---|---|---|---|---|---|"]
+  for L, interval in summary["shared_vs_no_shared"].items():
+    extra = interval["extra_minutes"]
+    lines.append(f"| {L} | {_interval_text(interval)} | {_points(interval['std'])} | "
+                 f"{'yes' if interval['meets_target'] else 'no'} | {interval['seeds_needed'] or 'n/a'} | "
+                 f"{_points(extra, 0) if extra is not None else 'n/a'} |")
+  lines += ["", f"Extra minutes: (seeds needed - seeds run) x {summary['num_arms']} arms x the measured time per point "
+            "(all arms are rerun per seed to keep the comparisons paired)."]
+  lines += ["", f"## Routing of the all-MoE models (L={depth}, seed 0)", ""]
+  for shared, analysis in routing.items():
+    lines += [f"### shared expert {'on' if shared else 'off'} ({analysis['point']})", "",
+              "| block | l | S | shuffled-label S | S(tens) | S(units) | H(E) bits |", "|---|---|---|---|---|---|---|"]
+    for name, layer in analysis["layers"].items():
+      digit = analysis["digits"].get(name, {})
+      lines.append(f"| {name} | {layer['l']} | {layer['specialization']:.3f} | "
+                   f"{layer['chance_specialization']:.3f} | {digit.get('tens', float('nan')):.3f} | "
+                   f"{digit.get('units', float('nan')):.3f} | {max(layer['expert_entropy'], 0.0):.2f} |")
+    directory = pathlib.Path(analysis["output_dir"]).name
+    lines += ["", f"![routing, shared={shared}]({directory}/routing_all.png)", "",
+              "Layer-keep advice: " + analysis["recommendation"]["text"].replace("\n", " "), ""]
+  if not routing:
+    lines.append("No finished all-MoE point of seed 0: no routing analysis.")
+  lines += ["", "## The paper's claims", ""]
+  lines += claim_lines(summary, routing, depth)
+  return "\n".join(lines) + "\n"
+
+
+def claim_lines(summary: dict, routing: dict, depth: int) -> list[str]:
+  lines = []
+  flat = summary["flatness"]
+  if 0 in flat and 1 in flat:
+    difference = flat.get("difference")
+    lines.append(
+        f"- (a) The shared expert stabilises and flattens accuracy across L: **{flat['verdict']}**. Spread "
+        f"(max - min over L) of the arm means: {flat[1]['spread_of_means']:.2f} with, {flat[0]['spread_of_means']:.2f} "
+        f"without; mean seed std per arm: {_points(flat[1]['mean_seed_std'])} with, "
+        f"{_points(flat[0]['mean_seed_std'])} without; per-seed spread, shared minus no-shared: "
+        f"{_interval_text(difference)}.")
+  else:
+    lines.append("- (a) The shared expert stabilises and flattens accuracy across L: **unresolved** (an arm is "
+                 "missing).")
+  verdicts = {shared: specialization_verdict(analysis, depth) for shared, analysis in routing.items()}
+  if verdicts:
+    values = {v["verdict"] for v in verdicts.values()}
+    overall = values.pop() if len(values) == 1 else "unresolved"
+    parts = [f"shared={shared}: {v['verdict']} (best {v['best_block']} S={v['best_S']:.3f} vs shuffled "
+             f"{v['best_chance']:.3f}; mean S deeper half {v['deep_mean_S']:.3f}, shallower half "
+             f"{_points(v['shallow_mean_S'], 3)})" for shared, v in verdicts.items()]
+    lines.append(f"- (b) Deep layers specialise by class: **{overall}** (one seed per setting). " + "; ".join(parts)
+                 + ".")
+  else:
+    lines.append("- (b) Deep layers specialise by class: **unresolved** (no routing analysis).")
+  many = summary["too_many_layers"]
+  if many:
+    for shared, result in many.items():
+      lines.append(f"- (c) Too many sparse layers hurt with little data (shared={shared}): **{result['verdict']}**. "
+                   f"L={result['all_L']} minus the best other L={result['best_other_L']}: {_interval_text(result)} "
+                   f"(the best L is picked on these runs, which favours the claim).")
+  else:
+    lines.append("- (c) Too many sparse layers hurt with little data: **unresolved** (arms missing).")
+  return lines
+
+
+def _resolved(interval: dict) -> str:
+  if interval["n"] < 2 or not math.isfinite(interval["half"]):
+    return "n/a"
+  if interval["high"] < 0:
+    return "worse"
+  if interval["low"] > 0:
+    return "better"
+  return "no"
+
+
+def _minutes(seconds) -> str:
+  if seconds is None or not math.isfinite(seconds):
+    return "n/a"
+  return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, analyze_routing: bool = True) -> dict:
+  """Reads WORKDIR/sweep, writes WORKDIR/study.md, study.json, study_accuracy_vs_L.png and the routing analyses.
+  `times` (run_study.py's study_times.json) gives the wall times and the time per point. Returns
+  {"summary", "routing", "paths"}."""
+  workdir = pathlib.Path(workdir)
+  rows = collect_points(workdir / "sweep")
+  if not rows:
+    raise FileNotFoundError(f"no point workdirs under {workdir / 'sweep'}")
+  depth = max(row["depth"] for row in rows)
+  point_times = list((times or {}).get("points", {}).values())
+  point_seconds = float(np.mean(point_times)) if point_times else None
+  summary = summarize(arm_values(rows), point_seconds=point_seconds)
+  routing = routing_analyses(rows, workdir, routing_seed) if analyze_routing else {}
+  figure = plot_accuracy_vs_L(summary, workdir / "study_accuracy_vs_L.png")
+  unfinished = [row["point"] for row in rows if not row["finished"]]
+  text = report_markdown(summary, routing, depth, times=times, figure=figure.name, unfinished=unfinished)
+  md_path = workdir / "study.md"
+  md_path.write_text(text)
+  claims = {"flatness": summary["flatness"]["verdict"],
+            "specialization": {shared: specialization_verdict(a, depth) for shared, a in routing.items()},
+            "too_many_layers": {shared: r["verdict"] for shared, r in summary["too_many_layers"].items()}}
+  routing_numbers = {shared: {"point": a["point"], "recommendation": a["recommendation"], "digits": a["digits"],
+                              "layers": {name: {key: layer[key] for key in ("block", "l", "specialization",
+                                                                              "chance_specialization",
+                                                                              "expert_entropy", "expert_load")}
+                                         for name, layer in a["layers"].items()}}
+                     for shared, a in routing.items()}
+  json_path = workdir / "study.json"
+  json_path.write_text(json.dumps(_json_ready({"depth": depth, "summary": summary, "claims": claims,
+                                               "routing": routing_numbers, "unfinished": unfinished,
+                                               "times": times}), indent=1) + "\n")
+  return {"summary": summary, "routing": routing, "claims": claims,
+          "paths": {"markdown": md_path, "json": json_path, "figure": figure}}
