@@ -15,7 +15,8 @@ features in both slots but not the pair task, and its head (10 classes) is repla
 Model: the quickstart ViT (configs/quickstart.py), dense: 6 blocks, dim 96, 3 heads, MLP 192, 16x16 input in 4x4
 patches (16 patch tokens + class token; each digit fills its own 2x2 patches). Training: 1500 steps of batch 64
 (about 33 epochs of the 2884 canvases), AdamW lr 1e-3, 100 warmup steps, cosine; sized to take about 5 minutes
-on 2 free CPU cores.
+on 2 CPU cores. Measured while sizing: 0.977 held-out top-1 (710 canvases) in 4 min 15 s on 2 cores shared with
+another training job (140-180 ms per step); 300 steps gave 0.772.
 
 Arg (after ':'), comma-separated: "steps=N" (training steps), "tiny" (a 2-block, dim-32 model and a handful of
 steps: the tests' smoke run, not a result).

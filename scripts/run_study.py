@@ -1,7 +1,7 @@
 """The ViMoE placement study of issue 12 in one command: stage 1 (pretrain the dense backbone), stage 2 (the
 fine-tuning sweep: dense and upcycled ViMoE, L = 1, 2, 3, 6, shared expert off/on, paired seeds), the report.
 
-    .venv/bin/python scripts/run_study.py --workdir workdirs/study                 # 5 seeds x 9 arms, 300 steps each
+    .venv/bin/python scripts/run_study.py --workdir workdirs/study                 # 5 seeds x 9 arms, 400 steps each
     .venv/bin/python scripts/run_study.py --workdir workdirs/study --seeds 6       # add a seed later: only it trains
     .venv/bin/python scripts/run_study.py --workdir workdirs/study --report_only   # rewrite the report
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study root (created if missing).")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Paired seeds 0..N-1 of stage 2 (default: the config's, 5).")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps per stage-2 point (default: the config's, 300).")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per stage-2 point (default: the config's, 400).")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Stage-1 steps (default: the config's, 1500).")
 _TINY = flags.DEFINE_bool("tiny", False, "Smoke-test sizes (2 blocks of dim 32, a few steps): tests only.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report from the finished points.")
