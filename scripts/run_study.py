@@ -91,6 +91,10 @@ def main(argv):
     save_times(times_path, times)
 
   failed = {}
+  module = sweep.load_config_module(PLACEMENT_CONFIG)
+  arg = config_arg(tiny=_TINY.value, steps=_STEPS.value, seeds=_SEEDS.value)
+  points = sweep.sweep_points(module, arg)
+  num_arms = len({json.dumps({k: v for k, v in point.items() if k != "seed"}, sort_keys=True) for point in points})
   if not _REPORT_ONLY.value:
     # Stage 1: the dense backbone.
     stage_start = time.perf_counter()
@@ -113,9 +117,6 @@ def main(argv):
 
     # Stage 2: the sweep, every point initialised from the exported backbone.
     stage_start = time.perf_counter()
-    module = sweep.load_config_module(PLACEMENT_CONFIG)
-    arg = config_arg(tiny=_TINY.value, steps=_STEPS.value, seeds=_SEEDS.value)
-    points = sweep.sweep_points(module, arg)
     run["stage2_arg"] = arg
     run["stage2_points"] = len(points)
 
@@ -137,11 +138,11 @@ def main(argv):
 
   # Report.
   stage_start = time.perf_counter()
-  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value)
+  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value, num_arms=num_arms)
   run["report_s"] = time.perf_counter() - stage_start
   checkpoint_times()
   # Rewrite with this invocation's final times included.
-  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value)
+  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value, num_arms=num_arms)
   print(result["paths"]["markdown"].read_text())
   print(f"wall time of this invocation: {run['total_s']:.0f} s (stage 1 {run['stage1_s']:.0f} s, stage 2 "
         f"{run['stage2_s']:.0f} s, report {run['report_s']:.0f} s); all invocations {times['total_s']:.0f} s")

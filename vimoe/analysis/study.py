@@ -139,9 +139,11 @@ def complete_seeds(arms: dict) -> list[int]:
 # The analysis
 # ---------------------------------------------------------------------------------------------------------------
 
-def summarize(arms: dict, *, point_seconds: float | None = None, target: float = TARGET_POINTS) -> dict:
+def summarize(arms: dict, *, point_seconds: float | None = None, target: float = TARGET_POINTS,
+              num_arms: int | None = None) -> dict:
   """Per-arm intervals, paired differences vs dense and shared vs no-shared, flatness, too-many-layers, and the
-  seeds needed to reach +-target on the shared-vs-no-shared intervals."""
+  seeds needed to reach +-target on the shared-vs-no-shared intervals (costed at `num_arms` points per extra seed,
+  default the arms found)."""
   per_arm = {arm_name(*key): {"L": key[0], "shared": key[1], "values": values,
                               **t_interval(values.values())}
              for key, values in arms.items()}
@@ -151,7 +153,7 @@ def summarize(arms: dict, *, point_seconds: float | None = None, target: float =
   vs_dense = {arm_name(*key): paired_interval(arms[key], dense) for key in moe_keys} if dense else {}
   shared_vs = {L: paired_interval(arms[(L, 1)], arms[(L, 0)]) for L in Ls if (L, 1) in arms and (L, 0) in arms}
   seeds = complete_seeds(arms)
-  num_arms = len(arms)
+  num_arms = num_arms or len(arms)
   for interval in shared_vs.values():
     interval["meets_target"] = bool(math.isfinite(interval["half"]) and interval["half"] <= target)
     needed = seeds_needed(interval["std"], target)
@@ -452,9 +454,11 @@ def _minutes(seconds) -> str:
   return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
 
 
-def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, analyze_routing: bool = True) -> dict:
+def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, analyze_routing: bool = True,
+                 num_arms: int | None = None) -> dict:
   """Reads WORKDIR/sweep, writes WORKDIR/study.md, study.json, study_accuracy_vs_L.png and the routing analyses.
-  `times` (run_study.py's study_times.json) gives the wall times and the time per point. Returns
+  `times` (run_study.py's study_times.json) gives the wall times and the time per point; `num_arms` the arms of the
+  sweep (default: those found), what an extra seed costs. Returns
   {"summary", "routing", "paths"}."""
   workdir = pathlib.Path(workdir)
   rows = collect_points(workdir / "sweep")
@@ -463,7 +467,7 @@ def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, a
   depth = max(row["depth"] for row in rows)
   point_times = list((times or {}).get("points", {}).values())
   point_seconds = float(np.mean(point_times)) if point_times else None
-  summary = summarize(arm_values(rows), point_seconds=point_seconds)
+  summary = summarize(arm_values(rows), point_seconds=point_seconds, num_arms=num_arms)
   routing = routing_analyses(rows, workdir, routing_seed) if analyze_routing else {}
   figure = plot_accuracy_vs_L(summary, workdir / "study_accuracy_vs_L.png")
   unfinished = [row["point"] for row in rows if not row["finished"]]
