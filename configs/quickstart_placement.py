@@ -6,8 +6,10 @@ the ViMoE paper's figure 2 (arXiv 2410.15732).
     python scripts/sweep.py --collect workdirs/placement
 
 Each point trains for fewer steps of a smaller batch than the quickstart (400 steps of 32 images, about 9 epochs;
-warmup scaled down with the steps) so the sweep fits in under 45 minutes on 2 CPU cores; docs/results.md
-has the measured run (21 min 58 s on 2 free cores). Arg: "steps" (default TOTAL_STEPS).
+warmup scaled down with the steps) so the sweep fits in under 45 minutes on 2 CPU cores (21 min 58 s measured on
+2 free cores). A toy for trying the sweep and routing tools: 2 seeds on 355 test images cannot resolve the paper's
+effects; the study in the paper's regime is scripts/run_study.py (docs/results.md). Arg: "steps" (default
+TOTAL_STEPS).
 """
 
 from configs.quickstart import get_config as quickstart_config
