@@ -51,6 +51,8 @@ def documented_overrides():
         named = [m.group(1) + (m.group(2) or "") for m in CONFIG_FILE.finditer(line)]
         if not named and document.name in ALL_CONFIGS:
           named = [document.name]
+        if value and "$" in value and not any(variable in value for variable in ENV):
+          value = None  # a shell variable (`for seed in 0 1 2; do ... --config.seed=$seed`): check the key's type
         found.append((f"{document.relative_to(ROOT)}:{number}", named, key, value or None))
   return found
 
