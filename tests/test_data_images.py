@@ -156,7 +156,7 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
 
 
 def test_config_errors_name_the_key_and_valid_values():
-  with pytest.raises(ValueError, match=r"config\.name='mnist'.*digits, imagenet2012"):
+  with pytest.raises(ValueError, match=r"config\.name='mnist'.*digits, digit_pairs, imagenet2012"):
     data.build_image_dataset({"name": "mnist"}, "train", batch_size=8, seed=0, train=True)
   with pytest.raises(ValueError, match=r"config\.interpolation='nearest'.*bilinear, bicubic"):
     data.num_classes(digits_config(interpolation="nearest"))
