@@ -74,9 +74,9 @@ def get_config(arg=None):
   config.keep_checkpoints = 1
 
   config.data = ml_collections.ConfigDict(dict(
-      name="digit_pairs", task="single", test_per_class=100, image_size=16, augment=True, max_shift=1,
+      name="digit_pairs", task="slots", test_per_class=100, image_size=16, augment=True, max_shift=1,
       num_workers=0, mean=(0.5,), std=(0.5,), train_split="train", eval_split="test"))
-  config.model.num_classes = 10
+  config.model.num_classes = 20
   config.model.moe.layers = "none"  # dense: stage 2 upcycles its MLPs
   config.init = ml_collections.ConfigDict(dict(checkpoint=placeholder(str), noise_std=0.0))
   if args.get("tiny"):

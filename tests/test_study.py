@@ -105,19 +105,29 @@ def test_train_order_is_fixed_by_the_seed_and_labels_match_the_digits():
   assert data.num_examples(pairs_config(), "train") == 1442 ** 2
 
 
-def test_single_digit_variant():
-  config = pairs_config(task="single")
-  assert data.num_classes(config) == 10 and data.num_examples(config, "train") == 2 * 1442
+@pytest.mark.parametrize("task", ["slots", "single"])
+def test_one_digit_variants(task):
+  # "slots" labels a digit with its slot (10 * slot + digit, the study's pretraining); "single" with the digit only.
+  config = pairs_config(task=task)
+  assert data.num_classes(config) == {"slots": 20, "single": 10}[task]
+  assert data.num_examples(config, "train") == 2 * 1442
+
+  def expected(left_labels, right_labels):
+    slot = (right_labels >= 0).astype(int)
+    return np.maximum(left_labels, right_labels) + (10 * slot if task == "slots" else 0)
+
   images, labels = eval_set(config)
   assert len(labels) == 710
   left, right = read_back(images[..., 0])
   left_labels, right_labels = identify(left), identify(right)
   assert np.all((left_labels == -1) != (right_labels == -1))  # exactly one slot holds a digit
-  np.testing.assert_array_equal(labels, np.maximum(left_labels, right_labels))
+  np.testing.assert_array_equal(labels, expected(left_labels, right_labels))
   assert (left_labels >= 0).sum() == (right_labels >= 0).sum() == 355
-  batch = train_batches(3, count=1, task="single", augment=False)[0]
+  batch = train_batches(3, count=1, task=task, augment=False)[0]
   left, right = read_back(batch["image"][..., 0])
-  np.testing.assert_array_equal(batch["label"], np.maximum(identify(left), identify(right)))
+  np.testing.assert_array_equal(batch["label"], expected(identify(left), identify(right)))
+  if task == "slots":
+    assert set(np.unique(labels)) == set(range(20))
 
 
 def test_bad_digit_pairs_configs():
@@ -221,7 +231,7 @@ def test_study_sweep_points():
   pretrain = sweep.load_config_module(ROOT / "configs" / "study_pretrain.py").get_config()
   for key in ("dim", "depth", "num_heads", "mlp_dim", "patch_size", "image_size"):
     assert pretrain.model[key] == config.model[key], key
-  assert pretrain.model.moe.layers == "none" and pretrain.data.task == "single" and pretrain.model.num_classes == 10
+  assert pretrain.model.moe.layers == "none" and pretrain.data.task == "slots" and pretrain.model.num_classes == 20
   assert len(sweep.sweep_points(module, None)) == 9 * 5
   with pytest.raises(ValueError, match="not understood"):
     module.get_config("step=3")

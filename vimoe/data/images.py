@@ -25,7 +25,8 @@ Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left
   read_threads    threads per process (per worker, with workers) that each build whole batches; up to this many
                   batches wait in memory. Default 0 (digits: in-memory, built on demand), 16 (imagenet2012).
   max_shift       digits, digit_pairs: largest random shift in pixels of the (upscaled) image or canvas. Default 2.
-  task            digit_pairs: "pairs" (100 classes, default) | "single" (one digit in a random slot, 10 classes).
+  task            digit_pairs: "pairs" (100 classes, default) | "slots" (one digit in the left or right slot,
+                  label 10 * slot + digit, 20 classes) | "single" (the same canvases, label = digit, 10 classes).
   test_per_class  digit_pairs pairs: held-out pairs per class in the fixed test split. Default 100 (10,000 images).
   data_dir        imagenet2012: tfds data dir. Default None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   crop_scale      imagenet2012 training: range of the crop's area fraction. Default (0.08, 1.0).
@@ -34,8 +35,8 @@ Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left
                   take the central image_size square. Default 0.875 (224 -> 256 -> 224).
   interpolation   imagenet2012: "bicubic" (default, as DINOv2) | "bilinear".
 
-Splits: digits "train" (1442) | "test" (355); digit_pairs "train" (pairs 1442^2, single 2 x 1442) | "test" (pairs
-100 x test_per_class, single 710); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
+Splits: digits "train" (1442) | "test" (355); digit_pairs "train" (pairs 1442^2, slots/single 2 x 1442) | "test"
+(pairs 100 x test_per_class, slots/single 710); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
 
 Order and sharding. Training (`train=True`): a global shuffle of the whole split, deterministic per `seed` and
 reshuffled every epoch, identical on all processes; the shuffled split is cut to a multiple of the process count and
@@ -144,7 +145,7 @@ def _check_imagenet_split(split: str) -> None:
 
 
 def num_classes(config) -> int:
-  """10 for digits, 100 for digit_pairs (10 with task="single"), 1000 for imagenet2012."""
+  """10 for digits, 100 for digit_pairs (20 with task="slots", 10 with "single"), 1000 for imagenet2012."""
   cfg = _resolve(config)
   if cfg["name"] == "digit_pairs":
     return digit_pairs.NUM_CLASSES[cfg["task"]]
