@@ -1,7 +1,8 @@
 """The ADE20K semantic-segmentation recipe shared by the seg_*_ade20k_* configs (each states what differs).
 
 ViMoE (arXiv 2410.15732) evaluates segmentation with a linear decoder on a DINOv2 ViT-S/14 backbone, the MoE
-blocks routing per token; paper: dense 50.8 mIoU, ViMoE L=1 51.5 (DESIGN.md s.7). Where the paper is silent we
+blocks routing per token; paper: dense 50.8 mIoU, ViMoE L=1 51.5
+(docs/design.md, "Published numbers to compare against"). Where the paper is silent we
 use mmsegmentation's ADE20K schedule that DINOv2's linear evaluation follows: 40k iterations of batch 16,
 512x512 crops after a random 0.5-2.0 rescale of the (2048, 512) scale and a flip, AdamW with linear warmup
 (1500 iterations) then decay, evaluation by a 512 sliding window with stride 341 at the original resolution.

@@ -3,8 +3,8 @@
 Fine-tuning from DINOv2 follows the usual BEiT/DINOv2 end-to-end recipe: AdamW, batch 1024, peak lr 5e-4 at batch
 1024 (scaled linearly with the batch), layer-wise lr decay 0.75 (S) or 0.65 (B), 5 warmup epochs, cosine decay,
 label smoothing 0.1, weight decay 0.05, drop-path 0.1, random-resized crop + flip at 224 px. The ViMoE paper (arXiv 2410.15732) does not print every hyper-parameter; where it is silent these are the
-standard values, and the numbers to compare with are in DESIGN.md section 7 (dense S/14 83.1, ViMoE L=2 + shared
-expert 84.2 top-1).
+standard values, and the numbers to compare with are in docs/design.md, "Published numbers to compare against"
+(dense S/14 83.1, ViMoE L=2 + shared expert 84.2 top-1).
 """
 
 import ml_collections

@@ -1,7 +1,8 @@
 """ViMoE-S/14 + linear head on ADE20K: MoE in the last L = 1..12 blocks x shared expert off/on (24 runs; N=8,
 top-1, routing per token), each upcycled from DINOv2 ViT-S/14 with the recipe of
-configs/seg_vimoe_s14_ade20k_linear.py (configs/ade20k_common.py). Paper (DESIGN.md s.7): dense 50.8 mIoU,
-ViMoE L=1 51.5.
+configs/seg_vimoe_s14_ade20k_linear.py (configs/ade20k_common.py). Paper
+(docs/design.md, "Published numbers to compare against"):
+dense 50.8 mIoU, ViMoE L=1 51.5.
 
     python scripts/sweep.py --config configs/seg_vimoe_s14_ade20k_placement.py --workdir runs/seg_placement \
         --print-commands --config.init.checkpoint=ckpt/dinov2_s14 --config.data.data_dir=/data/ADEChallengeData2016

@@ -1,6 +1,6 @@
 """ViMoE-B/14: DINOv2 ViT-B/14 with MoE in the last 2 blocks, N=8, top-1, per-image routing, one shared expert,
-upcycled from DINOv2-B. Layer decay 0.65 as usual for B-size fine-tuning. (The paper reports S/14 in DESIGN.md
-s.7; this is the next size up, for users with more compute.)
+upcycled from DINOv2-B. Layer decay 0.65 as usual for B-size fine-tuning. (The paper reports S/14, see
+docs/design.md, "Published numbers to compare against"; this is the next size up, for users with more compute.)
 
     python scripts/train.py --config configs/vimoe_b14_in1k.py --workdir runs/vimoe_b14 \
         --config.init.checkpoint=ckpt/dinov2_b14 --config.data.data_dir=$TFDS_DATA_DIR

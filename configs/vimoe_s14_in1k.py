@@ -1,7 +1,7 @@
 """ViMoE-S/14, the paper's headline model (arXiv 2410.15732): DINOv2 ViT-S/14 with MoE MLPs in the last L=2
 blocks, N=8 experts, top-1, one routing decision per image (on the class token), one shared expert; upcycled from
 DINOv2 (every expert and the shared expert start as the dense MLP). Paper: 84.2 top-1, 24.4M activated
-parameters, 6.74 GFLOPs vs 6.14 dense (DESIGN.md s.7).
+parameters, 6.74 GFLOPs vs 6.14 dense (docs/design.md, "Published numbers to compare against").
 
     python scripts/train.py --config configs/vimoe_s14_in1k.py --workdir runs/vimoe_s14 \
         --config.init.checkpoint=ckpt/dinov2_s14 --config.data.data_dir=$TFDS_DATA_DIR

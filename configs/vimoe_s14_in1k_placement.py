@@ -7,7 +7,8 @@ from DINOv2 ViT-S/14 with the recipe of configs/vimoe_s14_in1k.py (configs/image
     # ... submit each printed line to the scheduler, then:
     python scripts/sweep.py --collect runs/in1k_placement
 
-Arg: "epochs" (default 30). Paper (DESIGN.md s.7): with the shared expert accuracy stays near 84.2-84.3 for any L;
+Arg: "epochs" (default 30). Paper (docs/design.md, "Published numbers to compare against"):
+with the shared expert accuracy stays near 84.2-84.3 for any L;
 without it, it falls to about 83.6 at L=12; the good configurations have routing degree D = N^L near 32..64.
 """
 

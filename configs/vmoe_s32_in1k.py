@@ -1,6 +1,7 @@
 """V-MoE S/32 (Riquelme et al. 2021, arXiv 2106.05974) trained from scratch on ILSVRC2012: E=8 experts, K=2,
 MoE in the last 2 blocks, token routing with capacity factor 1.25 (einsum dispatch in groups, as V-MoE), no
-shared expert. Reference: 76.8 top-1 (DESIGN.md s.7). From-scratch recipe: 300 epochs, batch 4096, AdamW peak
+shared expert. Reference: 76.8 top-1 (docs/design.md, "Published numbers to compare against").
+From-scratch recipe: 300 epochs, batch 4096, AdamW peak
 lr 3e-3 (scaled by batch/4096 here via base lr 7.5e-4 per 1024), 10k warmup steps ~ 32 epochs, weight decay 0.1,
 no layer decay.
 

@@ -1,10 +1,12 @@
 """An independent float64 NumPy model of vimoe.moe.MoeLayer, written as plain loops over tokens.
 
 It imports nothing from vimoe: every rule (grouping, top-k, capacity with its priority order, experts-choose,
-Soft MoE, hash routing, the expert MLPs and the auxiliary losses) is re-derived here from DESIGN.md sections 3-4,
+Soft MoE, hash routing, the expert MLPs and the auxiliary losses) is re-derived here from docs/design.md
+("MoE layer contract", "Routers", "Capacity and dispatch", "Auxiliary losses and metrics"),
 so a test that compares the library with it compares two separate implementations.
 
-Parameters come in as a dict of NumPy arrays (see `layer_params`); shapes follow DESIGN.md section 3.
+Parameters come in as a dict of NumPy arrays (see `layer_params`); shapes follow docs/design.md,
+"MoE layer contract".
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def _soft_group(x, params, group, y, activation):
 # -- auxiliary losses and metrics ------------------------------------------------------------------------------
 
 def reference_metrics(info, params, *, num_experts, k, router):
-  """The aux.metrics of DESIGN.md section 4 from the loop's bookkeeping (token-choice and experts_choose)."""
+  """The aux.metrics of docs/design.md, "Auxiliary losses and metrics", from the loop's bookkeeping (token-choice
+  and experts_choose)."""
   E = num_experts
   metrics = {"dropped_fraction": 1.0 - np.mean(info["kept"]),
              "expert_load": info["counts"] / info["counts"].sum()}
