@@ -24,20 +24,11 @@ block starts at (g + S) x the dense MLP, see docs/moe.md). Seeds are the outer l
 whole seeds; the same seed gives every arm the same data order (paired comparisons).
 
 Training per point: 400 steps of batch 64 (25,600 pairs; AdamW lr 2e-3, 40 warmup steps, cosine, gradient clip 1;
-one evaluation on the 10,000 pairs at the end). Sized so a point takes about 60-100 s on 2 free CPU cores;
-run_study.py records the measured time per point. Measured while sizing (2 cores shared with another training job,
-so times are upper bounds): a step of batch 64 costs 150-330 ms dense and 280-310 ms with MoE in all 6 blocks and
-the shared expert; the evaluation of the 10,000 pairs about 14 s; building and compiling a point about 30 s on the
-first seed (later seeds load the compiled steps from WORKDIR/jax_cache). Fine-tuning the dense arm from the
-1500-step backbone (0.977 on the one-digit task) for 300 steps at lr 2e-3 reached 0.397 held-out top-1 (train
-loss still falling fast: 2.90, 2.39, 1.90 at steps 100, 200, 300); at lr 5e-4, 150 steps from a weaker backbone
-gave 0.126 against 0.162 at 2e-3. So at this budget the arms are compared early in fine-tuning, not converged as
-in the paper; `steps=N` trades seeds for steps.
-
-Predicted wall time of scripts/run_study.py (stage 1 + 9 arms x seeds + report), from the measurements above: on 2
-free cores (an estimate: the shared-core times divided by 1.4) about 90 s per point (about 110 s on seed 0, which
-compiles), so 3 seeds ~47 min, 4 ~61 min, 5 (the default) ~74 min; on 2 cores shared with another training job as
-measured, about 125 s per point: 3 seeds ~65 min, 4 ~84 min, 5 ~103 min. study_times.json records the real ones.
+one evaluation on the 10,000 pairs at the end). Measured in the 3-seed run of docs/results.md (54 min 38 s for
+both stages and the report): 56-72 s per point on a quiet machine, 93-155 s (mean 113 s) with other jobs on the 2
+cores. The dense arm ends at 71-80 % with its training loss still falling: the arms are compared early in
+fine-tuning, not converged as in the paper, which is what makes the seed-to-seed spread large; `steps=N` trades
+seeds for steps.
 
 CI target: the paired 95 % t-interval of shared minus no-shared at each L must be at most +-1 point:
 t_{n-1,0.975} s_d / sqrt(n) <= 1 for n seeds with per-seed difference std s_d. With the default 5 seeds that
