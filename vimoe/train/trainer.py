@@ -406,8 +406,7 @@ def build(config, mesh=None):
   task = get_task(config.task)
   make_model = lambda: task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1,
                                                         dropout=config.seed + 2))
-  # What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone).
-  trainable = task.trainable(config) if hasattr(task, "trainable") else nnx.Param
+  trainable = task.trainable(config)  # what the optimizer updates (a linear probe freezes the backbone)
   if mesh is None:
     model = make_model()
     optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
@@ -649,7 +648,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
         progress.write(f"step {step}: {headline(final)}")
-        if hasattr(task, "after_evaluation") and is_main_process():  # per-class tables, pictures
+        if is_main_process():  # per-class tables, pictures
           task.after_evaluation(model, config, workdir, step, final)
         state = nnx.state((model, optimizer))  # whatever evaluation changed in the model carries on, as before
     nnx.update((model, optimizer), state)
