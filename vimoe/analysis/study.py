@@ -105,12 +105,11 @@ def arm_name(L: int, shared: int) -> str:
 def collect_points(sweep_root) -> list[dict]:
   """One row per point workdir: {"point", "workdir", "L", "shared", "seed", "value" (top-1 in points or None),
   "finished", "depth", "config"}."""
-  from vimoe.train import sweep  # pylint: disable=import-outside-toplevel
+  from vimoe.analysis.sweep_report import final_value, read_metrics  # pylint: disable=import-outside-toplevel
   rows = []
   for config_path in sorted(pathlib.Path(sweep_root).glob("*/config.json")):
     config = json.loads(config_path.read_text())
-    value, _, finished = sweep.final_value(sweep.read_metrics(config_path.parent), "eval/top1",
-                                           config["total_steps"])
+    value, _, finished = final_value(read_metrics(config_path.parent), "eval/top1", config["total_steps"])
     L = layer_count(config["model"]["moe"]["layers"])
     rows.append({"point": config_path.parent.name, "workdir": str(config_path.parent), "L": L,
                  "shared": int(config["model"]["moe"]["num_shared_experts"] or 0) if L else 0,
