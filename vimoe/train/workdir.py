@@ -32,9 +32,19 @@ def export_workdir(workdir: str, directory: str, step: int | None = None) -> dic
   return info
 
 
-def routing_log_from_workdir(workdir, step: int | None = None, max_batches: int | None = None):
-  """Restores a workdir's checkpoint, runs its evaluation split and logs the first-choice experts
-  (vimoe.analysis.routing.routing_log). Returns (RoutingLog, {"config", "step"})."""
+def analyze_workdir(workdir, step: int | None = None, max_batches: int | None = None, *, output_dir=None,
+                    min_score: float = 0.1, relative: float = 0.5, save: bool = True, reuse: bool = False) -> dict:
+  """Restores a workdir's checkpoint (the latest, or `step`), routes its evaluation split (at most `max_batches`)
+  and analyses the first-choice experts (vimoe.analysis.routing.routing_log and analyze); with `save`, writes
+  routing_analysis.json, routing_log.npz and the figures into `output_dir` (default: the workdir). With `reuse`, a
+  routing_analysis.json already there for the same workdir and its latest checkpoint is returned as it is. Returns
+  the analysis (plus "workdir", "step", "task", "moe_layers", "num_shared_experts")."""
+  absolute = str(pathlib.Path(workdir).absolute())
+  cached = pathlib.Path(output_dir or workdir) / "routing_analysis.json"
+  if reuse and step is None and cached.exists() and checkpoint_steps(workdir):
+    previous = json.loads(cached.read_text())
+    if previous.get("step") == checkpoint_steps(workdir)[-1] and previous.get("workdir") == absolute:
+      return previous
   config, task, model, step = load_for_evaluation(workdir, step)
   if config.task not in ("classification", "segmentation"):
     raise ValueError(f"config.task={config.task!r}: routing analysis supports 'classification' and "
@@ -44,25 +54,8 @@ def routing_log_from_workdir(workdir, step: int | None = None, max_batches: int 
   log = routing.routing_log(model, data, segmentation=config.task == "segmentation",
                             num_classes=int(config.model.num_classes), crop=int(config.data.get("crop_size") or 0),
                             max_batches=max_batches)
-  return log, {"config": config, "step": step}
-
-
-def analyze_workdir(workdir, step: int | None = None, max_batches: int | None = None, *, output_dir=None,
-                    min_score: float = 0.1, relative: float = 0.5, save: bool = True, reuse: bool = False) -> dict:
-  """routing_log_from_workdir + vimoe.analysis.routing.analyze; with `save`, writes routing_analysis.json,
-  routing_log.npz and the figures into `output_dir` (default: the workdir). With `reuse`, a routing_analysis.json
-  already there for the same workdir and its latest checkpoint is returned as it is. Returns the analysis (plus
-  "workdir", "step", "task", "moe_layers", "num_shared_experts")."""
-  absolute = str(pathlib.Path(workdir).absolute())
-  cached = pathlib.Path(output_dir or workdir) / "routing_analysis.json"
-  if reuse and step is None and cached.exists() and checkpoint_steps(workdir):
-    previous = json.loads(cached.read_text())
-    if previous.get("step") == checkpoint_steps(workdir)[-1] and previous.get("workdir") == absolute:
-      return previous
-  log, info = routing_log_from_workdir(workdir, step, max_batches)
-  analysis = {"workdir": absolute, "step": int(info["step"]), "task": info["config"].task,
-              "moe_layers": info["config"].model.moe.get("layers"),
-              "num_shared_experts": int(info["config"].model.moe.get("num_shared_experts", 0) or 0),
+  analysis = {"workdir": absolute, "step": int(step), "task": config.task, "moe_layers": config.model.moe.get("layers"),
+              "num_shared_experts": int(config.model.moe.get("num_shared_experts", 0) or 0),
               **routing.analyze(log, min_score=min_score, relative=relative)}
   if save:
     routing.save_analysis(analysis, log, output_dir or workdir)
