@@ -217,11 +217,6 @@ def _safe_to_change(key: str) -> bool:
   return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE)
 
 
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-  directory = workdir / "checkpoints"
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def reconcile_config(config, workdir: pathlib.Path) -> dict:
   """Compares `config` with the workdir's config.json when the workdir holds a run to resume.
 
@@ -229,7 +224,7 @@ def reconcile_config(config, workdir: pathlib.Path) -> dict:
   every other changed key with its old and new value, before anything is written.
   """
   path = workdir / "config.json"
-  if not path.exists() or not _has_checkpoints(workdir):
+  if not path.exists() or not checkpoint_steps(workdir):
     return {}  # nothing to resume: the run starts at step 0 with this config
   try:
     saved = json.loads(path.read_text())
