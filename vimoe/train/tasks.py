@@ -13,10 +13,8 @@ and may override the defaults of
   load_pretrained(model, config) -> initialise from config.init.checkpoint (default: refused)
   after_evaluation(model, config, workdir, step, metrics) -> extra files after an evaluation (default: none)
 
-The model's aux dict is {"losses": {name: weighted aux loss}, "metrics": {"block{i}": MoE metrics of block i}}.
-`add_aux_losses` adds its losses to a task loss and reports the routing statistics `train_routing_keys`;
-`routing_sums` / `routing_means` average `eval_routing_keys` over evaluation batches, weighted by what each batch
-counts (images, tokens).
+The model's aux dict is {"losses": {name: weighted aux loss}, "metrics": {"block{i}": MoE metrics of block i}};
+`Task` turns it into training metrics (`add_aux_losses`) and evaluation averages (`routing_sums`, `routing_means`).
 """
 
 from __future__ import annotations
@@ -40,8 +38,7 @@ def moe_summary(aux: dict, prefix: str) -> dict:
 
 
 class Task:
-  """The common part of every task: aux losses, routing statistics and the defaults of the optional methods. A
-  subclass defines build_model, build_data, loss, eval_batch and summarize (the module docstring)."""
+  """What every task shares: aux losses, routing statistics and the defaults of the optional methods."""
 
   # Routing statistics (names of MoE metrics) reported in training metrics, and averaged over evaluation.
   train_routing_keys = ("dropped_fraction",)
