@@ -1,5 +1,6 @@
 """Routing analysis of a trained ViMoE workdir: which experts each class goes to, per MoE layer, and which layers
-to keep as MoE (ViMoE's advice: those whose routing specialises). See vimoe/analysis/routing.py.
+to keep as MoE (ViMoE's advice: those whose routing specialises). See vimoe/analysis/routing.py and
+vimoe/train/workdir.py.
 
     python scripts/analyze_routing.py --workdir workdirs/quickstart [--step N] [--max_batches M]
 
@@ -22,9 +23,9 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from vimoe.analysis import routing  # pylint: disable=import-outside-toplevel
-  analysis = routing.analyze_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value, output_dir=_OUTPUT_DIR.value,
-                                     min_score=_MIN_SCORE.value, relative=_RELATIVE.value)
+  from vimoe.train.workdir import analyze_workdir  # pylint: disable=import-outside-toplevel
+  analysis = analyze_workdir(_WORKDIR.value, _STEP.value, _MAX_BATCHES.value, output_dir=_OUTPUT_DIR.value,
+                             min_score=_MIN_SCORE.value, relative=_RELATIVE.value)
   print(f"step {analysis['step']}, {analysis['num_units']} {analysis['units']}s, {analysis['num_classes']} classes, "
         f"{analysis['num_experts']} experts (top-{analysis['k']}), routing degree D = {analysis['routing_degree']}")
   print(f"{'layer':>8} {'l':>3} {'S':>6} {'chance':>7} {'H(E)':>6} {'H(E|C)':>7}  expert load")

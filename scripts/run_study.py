@@ -7,7 +7,7 @@ fine-tuning sweep: dense and upcycled ViMoE, L = 1, 2, 3, 6, shared expert off/o
 
 Resumable: run the same command again after an interruption. Stage 1 is skipped when finished and resumes when
 half-done (the trainer resumes a workdir by itself); its final checkpoint is exported once to
-WORKDIR/pretrain/params_export (a parameter checkpoint, vimoe.checkpoints.export_workdir), which every stage-2 point
+WORKDIR/pretrain/params_export (a parameter checkpoint, vimoe.train.workdir.export_workdir), which every stage-2 point
 loads as --config.init.checkpoint. Stage 2 skips finished points and resumes a half-finished one.
 
 WORKDIR holds pretrain/ (stage 1), sweep/<point>/ (stage 2: configs/study_placement.py's get_sweep), study.md and
@@ -18,6 +18,7 @@ point, over every invocation) and jax_cache/ (compiled steps, unless $JAX_COMPIL
 """
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -68,9 +69,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  from vimoe import checkpoints  # pylint: disable=import-outside-toplevel
   from vimoe.analysis import study  # pylint: disable=import-outside-toplevel
   from vimoe.train import sweep, train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from vimoe.train.workdir import analyze_workdir, export_workdir  # pylint: disable=import-outside-toplevel
 
   root = pathlib.Path(_WORKDIR.value).absolute()
   root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def main(argv):
     export_dir = pretrain_dir / "params_export"
     info_path = export_dir / "export_info.json"
     if not (info_path.exists() and json.loads(info_path.read_text()).get("step") == pretrain_config.total_steps):
-      info = checkpoints.export_workdir(str(pretrain_dir), str(export_dir))
+      info = export_workdir(str(pretrain_dir), str(export_dir))
       print(f"stage 1: exported step {info['step']} to {export_dir}", flush=True)
     run["stage1_s"] = time.perf_counter() - stage_start
     checkpoint_times()
@@ -136,13 +137,14 @@ def main(argv):
     run["stage2_s"] = time.perf_counter() - stage_start
     checkpoint_times()
 
-  # Report.
+  # Report. A routing analysis already written for a point's latest checkpoint is reused.
   stage_start = time.perf_counter()
-  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value, num_arms=num_arms)
+  analyze = None if _NO_ROUTING.value else functools.partial(analyze_workdir, reuse=True)
+  result = study.write_report(root, times=times, analyze_routing=analyze, num_arms=num_arms)
   run["report_s"] = time.perf_counter() - stage_start
   checkpoint_times()
   # Rewrite with this invocation's final times included.
-  result = study.write_report(root, times=times, analyze_routing=not _NO_ROUTING.value, num_arms=num_arms)
+  result = study.write_report(root, times=times, analyze_routing=analyze, num_arms=num_arms)
   print(result["paths"]["markdown"].read_text())
   print(f"wall time of this invocation: {run['total_s']:.0f} s (stage 1 {run['stage1_s']:.0f} s, stage 2 "
         f"{run['stage2_s']:.0f} s, report {run['report_s']:.0f} s); all invocations {times['total_s']:.0f} s")

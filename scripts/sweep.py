@@ -31,11 +31,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  from vimoe.analysis import sweep_report  # pylint: disable=import-outside-toplevel
   from vimoe.train import sweep  # pylint: disable=import-outside-toplevel
 
   if _COLLECT.value:
     results = sweep.write_results(_COLLECT.value)
-    print(sweep.markdown_table(results["groups"], results["swept"]))
+    print(sweep_report.markdown_table(results["groups"], results["swept"]))
     for kind, path in results["paths"].items():
       print(f"{kind}: {path}")
     unfinished = [row["point"] for row in results["rows"] if not row["finished"]]

@@ -22,9 +22,10 @@ for C classes, E experts, n units), so `analyze` also reports `chance_specializa
 the labels. `recommend_layers` turns the scores into the paper's advice: keep MoE where the routing specialises,
 use a dense MLP elsewhere. `routing_degree` is the paper's D = C(N, k)^L.
 
-Collecting the log from a training workdir (`routing_log_from_workdir`) runs the evaluation split through the
-restored model: ViT.encode(..., return_routing=True) for classification; for segmentation the Segmenter's
-expert maps, each patch labelled with the majority label of its pixels (label -1 ignored).
+`routing_log` collects the log by running evaluation batches through a model: ViT.encode(...,
+return_routing=True) for classification; for segmentation the Segmenter's expert maps, each patch labelled with
+the majority label of its pixels (label -1 ignored). vimoe/train/workdir.py does that for a training workdir
+(`analyze_workdir`, which scripts/analyze_routing.py runs).
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ def save_figures(analysis: dict, directory, class_names=None) -> list[pathlib.Pa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Collecting a routing log from a training workdir
+# Collecting a routing log from a model
 # ---------------------------------------------------------------------------------------------------------------
 
 def patch_majority_labels(labels: np.ndarray, patch_size: int, grid: tuple[int, int]) -> np.ndarray:
@@ -357,37 +358,28 @@ def patch_majority_labels(labels: np.ndarray, patch_size: int, grid: tuple[int, 
   return majority.reshape(B, h, w)
 
 
-def routing_log_from_workdir(workdir, step: int | None = None, max_batches: int | None = None):
-  """Restores a workdir's checkpoint, runs its evaluation split and logs the first-choice experts.
+def routing_log(model, batches, *, segmentation: bool, num_classes: int, crop: int = 0,
+                max_batches: int | None = None) -> RoutingLog:
+  """Routes evaluation batches ({"image", "label"}) through a ViMoE model and logs the first-choice experts.
 
-  Classification: one unit per image (route_per="item") or per token (route_per="token", every token labelled with
-  its image's class). Segmentation: one unit per patch, labelled with the majority label of its pixels; images
-  larger than data.crop_size are cut to their top-left crop (one forward pass, as the trainer's expert maps do).
-  Units without a label (padding images, patches with no labelled pixel) are left out of the log.
-  Returns (RoutingLog, {"config", "step"}).
+  Classification (a ViT): one unit per image (route_per="item") or per token (route_per="token", every token
+  labelled with its image's class). Segmentation (a Segmenter): one unit per patch, labelled with the majority
+  label of its pixels; images larger than `crop` are cut to their top-left crop (one forward pass, as the
+  trainer's expert maps do). Units without a label (padding images, patches with no labelled pixel) are left out.
+  The model must have at least one MoE block.
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from vimoe.train import load_for_evaluation  # pylint: disable=import-outside-toplevel
-
-  config, task, model, step = load_for_evaluation(workdir, step)
-  segmentation = config.task == "segmentation"
-  if config.task not in ("classification", "segmentation"):
-    raise ValueError(f"config.task={config.task!r}: routing analysis supports 'classification' and "
-                     f"'segmentation'")
   vit = model.backbone if segmentation else model
   moe_config = vit.config.moe
   if not vit.config.moe_layers:
-    raise ValueError(f"{workdir}: model.moe.layers={config.model.moe.get('layers')!r} has no MoE block to analyse")
+    raise ValueError("model.moe.layers gives the model no MoE block: there is no routing to analyse")
   if segmentation:
     route = nnx.jit(lambda m, x: m(x, deterministic=True, return_routing=True)[1]["expert_maps"])
-    crop = int(config.data.get("crop_size") or 0)
   else:
     route = nnx.jit(lambda m, x: m.encode(x, deterministic=True, return_routing=True)[1]["routing"])
-  data = task.build_data(config, config.data.eval_split, train=False, seed=config.seed,
-                         batch_size=config.get("eval_batch_size", config.batch_size))
   labels, choices = [], {}
-  for batch_index, batch in enumerate(data):
+  for batch_index, batch in enumerate(batches):
     if max_batches is not None and batch_index >= max_batches:
       break
     images, batch_labels = np.asarray(batch["image"]), np.asarray(batch["label"])
@@ -406,28 +398,19 @@ def routing_log_from_workdir(workdir, step: int | None = None, max_batches: int 
     for name, choice in routing.items():
       choices.setdefault(name, []).append(choice.reshape(-1)[keep])
   if not labels:
-    raise ValueError(f"{workdir}: the evaluation split {config.data.eval_split!r} gave no batch")
+    raise ValueError("the evaluation data gave no batch")
   units = "patch" if segmentation else ("image" if moe_config.route_per == "item" else "token")
-  num_classes = int(config.model.num_classes)
-  log = RoutingLog(labels=np.concatenate(labels), choices={n: np.concatenate(c) for n, c in choices.items()},
-                   num_classes=num_classes, num_experts=moe_config.num_experts, k=moe_config.k,
-                   depth=len(vit.blocks), units=units)
-  return log, {"config": config, "step": step}
+  return RoutingLog(labels=np.concatenate(labels), choices={n: np.concatenate(c) for n, c in choices.items()},
+                    num_classes=num_classes, num_experts=moe_config.num_experts, k=moe_config.k,
+                    depth=len(vit.blocks), units=units)
 
 
-def analyze_workdir(workdir, step: int | None = None, max_batches: int | None = None, *, output_dir=None,
-                    min_score: float = 0.1, relative: float = 0.5, save: bool = True) -> dict:
-  """routing_log_from_workdir + analyze; with `save`, writes routing_analysis.json, routing_log.npz and the
-  figures (save_figures) into `output_dir` (default: the workdir). Returns the analysis (plus "workdir", "step")."""
-  log, info = routing_log_from_workdir(workdir, step, max_batches)
-  analysis = {"workdir": str(pathlib.Path(workdir).absolute()), "step": int(info["step"]),
-              "task": info["config"].task, "moe_layers": info["config"].model.moe.get("layers"),
-              "num_shared_experts": int(info["config"].model.moe.get("num_shared_experts", 0) or 0),
-              **analyze(log, min_score=min_score, relative=relative)}
-  if save:
-    output_dir = pathlib.Path(output_dir or workdir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log.save(output_dir / "routing_log.npz")
-    analysis["figures"] = [str(path) for path in save_figures(analysis, output_dir)]
-    (output_dir / "routing_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
+def save_analysis(analysis: dict, log: RoutingLog, output_dir) -> dict:
+  """Writes routing_log.npz, the figures (save_figures; their paths go to analysis["figures"]) and
+  routing_analysis.json into `output_dir`. Returns the analysis."""
+  output_dir = pathlib.Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  log.save(output_dir / "routing_log.npz")
+  analysis["figures"] = [str(path) for path in save_figures(analysis, output_dir)]
+  (output_dir / "routing_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
   return analysis

@@ -105,12 +105,11 @@ def arm_name(L: int, shared: int) -> str:
 def collect_points(sweep_root) -> list[dict]:
   """One row per point workdir: {"point", "workdir", "L", "shared", "seed", "value" (top-1 in points or None),
   "finished", "depth", "config"}."""
-  from vimoe.train import sweep  # pylint: disable=import-outside-toplevel
+  from vimoe.analysis.sweep_report import final_value, read_metrics  # pylint: disable=import-outside-toplevel
   rows = []
   for config_path in sorted(pathlib.Path(sweep_root).glob("*/config.json")):
     config = json.loads(config_path.read_text())
-    value, _, finished = sweep.final_value(sweep.read_metrics(config_path.parent), "eval/top1",
-                                           config["total_steps"])
+    value, _, finished = final_value(read_metrics(config_path.parent), "eval/top1", config["total_steps"])
     L = layer_count(config["model"]["moe"]["layers"])
     rows.append({"point": config_path.parent.name, "workdir": str(config_path.parent), "L": L,
                  "shared": int(config["model"]["moe"]["num_shared_experts"] or 0) if L else 0,
@@ -254,12 +253,11 @@ def specialization_verdict(analysis: dict, depth: int) -> dict:
 # Routing analyses of the all-MoE points
 # ---------------------------------------------------------------------------------------------------------------
 
-def routing_analyses(rows: list[dict], output_root, seed: int = 0) -> dict:
-  """vimoe.analysis.routing.analyze_workdir on the finished all-blocks points of `seed` (shared off and on), into
-  OUTPUT_ROOT/routing_shared{0,1}/; an analysis already there for the same checkpoint step is reused.
-  Returns {shared: analysis (plus "digits": digit_specialization, "output_dir")}."""
-  from vimoe.analysis import routing  # pylint: disable=import-outside-toplevel
-  from vimoe.train.trainer import checkpoint_steps  # pylint: disable=import-outside-toplevel
+def routing_analyses(rows: list[dict], output_root, analyze, seed: int = 0) -> dict:
+  """`analyze(workdir, output_dir=...)` (scripts/run_study.py passes vimoe.train.workdir.analyze_workdir, which
+  saves routing_log.npz there) on the finished all-blocks points of `seed` (shared off and on), into
+  OUTPUT_ROOT/routing_shared{0,1}/. Returns {shared: analysis (plus "digits": digit_specialization,
+  "output_dir")}."""
   out = {}
   if not rows:
     return out
@@ -271,15 +269,7 @@ def routing_analyses(rows: list[dict], output_root, seed: int = 0) -> dict:
       continue
     row = matches[0]
     output_dir = pathlib.Path(output_root) / f"routing_shared{shared}"
-    cached = output_dir / "routing_analysis.json"
-    steps = checkpoint_steps(row["workdir"])
-    analysis = None
-    if cached.exists() and steps:
-      previous = json.loads(cached.read_text())
-      if previous.get("step") == steps[-1] and previous.get("workdir") == str(pathlib.Path(row["workdir"]).absolute()):
-        analysis = previous
-    if analysis is None:
-      analysis = routing.analyze_workdir(row["workdir"], output_dir=output_dir)
+    analysis = analyze(row["workdir"], output_dir=output_dir)
     analysis["digits"] = digit_specialization(output_dir / "routing_log.npz")
     analysis["output_dir"] = str(output_dir)
     analysis["point"] = row["point"]
@@ -454,12 +444,12 @@ def _minutes(seconds) -> str:
   return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
 
 
-def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, analyze_routing: bool = True,
+def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, analyze_routing=None,
                  num_arms: int | None = None) -> dict:
-  """Reads WORKDIR/sweep, writes WORKDIR/study.md, study.json, study_accuracy_vs_L.png and the routing analyses.
-  `times` (run_study.py's study_times.json) gives the wall times and the time per point; `num_arms` the arms of the
-  sweep (default: those found), what an extra seed costs. Returns
-  {"summary", "routing", "paths"}."""
+  """Reads WORKDIR/sweep, writes WORKDIR/study.md, study.json, study_accuracy_vs_L.png and, with
+  `analyze_routing` (see routing_analyses; None: none), the routing analyses. `times` (run_study.py's
+  study_times.json) gives the wall times and the time per point; `num_arms` the arms of the sweep (default: those
+  found), what an extra seed costs. Returns {"summary", "routing", "paths"}."""
   workdir = pathlib.Path(workdir)
   rows = collect_points(workdir / "sweep")
   if not rows:
@@ -468,7 +458,7 @@ def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, a
   point_times = list((times or {}).get("points", {}).values())
   point_seconds = float(np.mean(point_times)) if point_times else None
   summary = summarize(arm_values(rows), point_seconds=point_seconds, num_arms=num_arms)
-  routing = routing_analyses(rows, workdir, routing_seed) if analyze_routing else {}
+  routing = routing_analyses(rows, workdir, analyze_routing, routing_seed) if analyze_routing else {}
   figure = plot_accuracy_vs_L(summary, workdir / "study_accuracy_vs_L.png")
   unfinished = [row["point"] for row in rows if not row["finished"]]
   text = report_markdown(summary, routing, depth, times=times, figure=figure.name, unfinished=unfinished)

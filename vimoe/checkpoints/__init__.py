@@ -24,13 +24,14 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
   directory, or a DINOv2 `.pth` / `.safetensors` / `.bin` file. A dense model takes the weights as they are;
   a ViMoE model is upcycled (experts = copies of the dense MLPs, fresh routers, see upcycle.py). The model's own
   head is kept unless the checkpoint has one of the same shape; a different position grid is resampled. A vimoe
-  training workdir is not read directly: `export_workdir` turns its checkpoint into a parameter checkpoint.
+  training workdir is not read directly: vimoe.train.workdir.export_workdir turns its checkpoint into a parameter
+  checkpoint.
   """
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "model_config.json")):
     params, _ = restore_params(path)
   elif os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
     raise ValueError(f"{path} is a training workdir, not a parameter checkpoint: export its weights first with "
-                     f"vimoe.checkpoints.export_workdir({path!r}, DIR) and pass DIR")
+                     f"vimoe.train.workdir.export_workdir({path!r}, DIR) and pass DIR")
   else:
     params = to_vit_params(read_state_dict(path))
   if vit_lib.moe_blocks(model):
@@ -43,20 +44,5 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
   return vit_lib.assign_params(model, params, keep=() if head_fits else ("head",))
 
 
-def export_workdir(workdir: str, directory: str, step: int | None = None) -> dict:
-  """Writes the model of a training workdir's checkpoint (the latest, or `step`) as a parameter checkpoint
-  (`save_params`: DIRECTORY/params and model_config.json = the run's config.model) that `init.checkpoint` loads,
-  plus DIRECTORY/export_info.json {"workdir", "step"}. This is how a dense vimoe run becomes the pretrained
-  backbone of a ViMoE (upcycled) or dense fine-tune. Returns the export info."""
-  import json  # pylint: disable=import-outside-toplevel
-  from vimoe.train import load_for_evaluation  # pylint: disable=import-outside-toplevel
-  config, _, model, step = load_for_evaluation(workdir, step)
-  save_params(directory, vit_lib.flat_params(model), config.model.to_dict())
-  info = {"workdir": os.path.abspath(workdir), "step": int(step)}
-  with open(os.path.join(directory, "export_info.json"), "w") as f:
-    json.dump(info, f, indent=2)
-  return info
-
-
-__all__ = ["export_workdir", "dinov2", "load_dinov2", "load_pretrained", "read_state_dict", "restore_params", "save_params",
+__all__ = ["dinov2", "load_dinov2", "load_pretrained", "read_state_dict", "restore_params", "save_params",
            "to_vit_params", "upcycle", "upcycle_params"]

@@ -49,15 +49,6 @@ TEST_SEED = 12    # ViMoE placement study, issue 12
 MAX_TEST_PER_CLASS = 34 * 34  # the smallest n_a x n_b: more distinct pairs than that do not exist for every class
 
 
-@functools.lru_cache(maxsize=2)
-def native_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(images [N, 8, 8] float32 in [0, 1], labels [N] int32) of a digits split ("train" 1442, "test" 355), in the
-  order of `digits.split_indices(split)`."""
-  images, labels = digits._load()  # pylint: disable=protected-access
-  indices = digits.split_indices(split)
-  return images[indices] / np.float32(digits.MAX_PIXEL), labels[indices]
-
-
 def compose(left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
   """A [16, 16] float32 canvas with the 8x8 `left` and `right` digits in their slots (None: blank slot)."""
   canvas = np.zeros((CANVAS, CANVAS), np.float32)
@@ -68,12 +59,12 @@ def compose(left: np.ndarray | None, right: np.ndarray | None) -> np.ndarray:
 
 
 def held_out_pairs(per_class: int = TEST_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
-  """(left, right) positions into `native_digits("test")` of the fixed test pairs, class-major: rows
+  """(left, right) positions into `digits.native_split("test")` of the fixed test pairs, class-major: rows
   c * per_class .. (c + 1) * per_class - 1 are class c = 10 * tens + units (see the module docstring)."""
   if not 1 <= per_class <= MAX_TEST_PER_CLASS:
     raise ValueError(f"test_per_class={per_class} must be in [1, {MAX_TEST_PER_CLASS}] (distinct held-out pairs per "
                      f"class)")
-  _, labels = native_digits("test")
+  _, labels = digits.native_split("test")
   members = [np.flatnonzero(labels == digit) for digit in range(digits.NUM_CLASSES)]
   rng = np.random.RandomState(TEST_SEED)  # legacy generator: numpy keeps its stream fixed
   left, right = [], []
@@ -87,7 +78,7 @@ def held_out_pairs(per_class: int = TEST_PER_CLASS) -> tuple[np.ndarray, np.ndar
 
 @functools.lru_cache(maxsize=4)
 def _test_canvases(task: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-  images, labels = native_digits("test")
+  images, labels = digits.native_split("test")
   if task == "pairs":
     left, right = held_out_pairs(per_class)
     canvases = np.stack([compose(images[i], images[j]) for i, j in zip(left, right)])
@@ -126,7 +117,7 @@ class DigitPairsSource:
     if split == "test":
       self._images, self._labels = _test_canvases(task, per_class)
     else:
-      self._digits, self._digit_labels = native_digits("train")
+      self._digits, self._digit_labels = digits.native_split("train")
 
   def __len__(self) -> int:
     return self._length

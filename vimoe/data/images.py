@@ -266,17 +266,18 @@ def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train
   ds = ds.batch(local_batch, drop_remainder=train)
   read_options = grain.ReadOptions(num_threads=cfg["read_threads"], prefetch_buffer_size=cfg["read_threads"])
   iter_ds = ds.to_iter_dataset(read_options)
-  if cfg["num_workers"] > 0:
-    _ensure_absl_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["num_workers"]))
-  return iter_ds
+  return prefetch_in_workers(iter_ds, cfg["num_workers"])
 
 
-def _ensure_absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags; outside absl.app.run (notebooks, pytest) use their defaults."""
+def prefetch_in_workers(iter_ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  """`iter_ds` read ahead by `num_workers` grain worker processes (as it is for 0). The workers read absl flags;
+  outside absl.app.run (notebooks, pytest) they get their defaults."""
+  if num_workers <= 0:
+    return iter_ds
   from absl import flags  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  return iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:

@@ -68,7 +68,8 @@ _SPLITS = {"digit_canvas": ("train", "test"), "ade20k": ("train", "validation"),
 _ADE_DIRS = {"train": "training", "validation": "validation"}
 
 
-def _resolve(config) -> dict[str, Any]:
+def resolve_config(config) -> dict[str, Any]:
+  """The segmentation data config as a dict with every default filled in; an unknown name or key raises."""
   get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
   name = get("name", None)
   if name not in NAMES:
@@ -111,7 +112,7 @@ def _resolve(config) -> dict[str, Any]:
 def num_classes(config) -> int:
   """11 for digit canvases (background + 10 digits), 150 for ADE20K (tfds scene_parse150: the red channel's
   category range, also read as 150 so that configs are interchangeable)."""
-  return digits.NUM_CLASSES + 1 if _resolve(config)["name"] == "digit_canvas" else ADE20K_CLASSES
+  return digits.NUM_CLASSES + 1 if resolve_config(config)["name"] == "digit_canvas" else ADE20K_CLASSES
 
 
 def _check_split(name: str, split: str) -> None:
@@ -333,7 +334,7 @@ class AdeEval(grain.transforms.Map, _AdeOptions):
 # ---------------------------------------------------------------------------------------------------------------
 
 def num_examples(config, split: str) -> int:
-  cfg = _resolve(config)
+  cfg = resolve_config(config)
   _check_split(cfg["name"], split)
   if cfg["name"] == "digit_canvas":
     return cfg["num_eval_canvases"] if split == "test" else digits.num_examples("train")
@@ -356,7 +357,7 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
   ADE20K evaluation images keep their own sizes, so their batch must hold one image per process.
   """
   from vimoe.data.images import check_loader_args, shard_examples  # pylint: disable=import-outside-toplevel
-  cfg = _resolve(config)
+  cfg = resolve_config(config)
   _check_split(cfg["name"], split)
   process_index, process_count, local_batch = check_loader_args(batch_size, seed, num_epochs, process_index,
                                                                 process_count)
@@ -382,8 +383,5 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
   ds = ds.batch(local_batch, drop_remainder=train)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg["name"] == "digit_canvas" else 8,
                                                  prefetch_buffer_size=0 if cfg["name"] == "digit_canvas" else 8))
-  if cfg["num_workers"] > 0:
-    from vimoe.data.images import _ensure_absl_flags_parsed  # pylint: disable=import-outside-toplevel
-    _ensure_absl_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["num_workers"]))
-  return iter_ds
+  from vimoe.data.images import prefetch_in_workers  # pylint: disable=import-outside-toplevel
+  return prefetch_in_workers(iter_ds, cfg["num_workers"])

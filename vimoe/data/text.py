@@ -54,7 +54,7 @@ import grain
 import numpy as np
 
 from vimoe.data.imagenet import DataNotPreparedError
-from vimoe.data.images import _ensure_absl_flags_parsed, check_loader_args
+from vimoe.data.images import check_loader_args, prefetch_in_workers
 
 NAMES = ("shakespeare", "lm1b")
 TOKENIZERS = ("bytes", "sentencepiece")
@@ -439,7 +439,4 @@ def build_text_dataset(config, split: str, *, batch_size: int, seed: int, train:
     if num_epochs is not None and num_epochs > 1:
       ds = ds.repeat(num_epochs)
     iter_ds = ds.batch(local_batch, drop_remainder=False).to_iter_dataset(read_options)
-  if cfg["num_workers"] > 0:
-    _ensure_absl_flags_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["num_workers"]))
-  return iter_ds
+  return prefetch_in_workers(iter_ds, cfg["num_workers"])

@@ -26,16 +26,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from vimoe.train.tasks import moe_summary
+from vimoe.train.tasks import Task
 
 MODEL_NAMES = ("transformer", "umoe", "lstm_moe")
-# Routing statistics that are averaged (token-weighted) over evaluation batches.
-EVAL_ROUTING_METRICS = ("expert_load", "importance_cv", "load_cv", "max_mean_load", "smooth_load_cv",
-                        "dropped_fraction")
-TRAIN_ROUTING_METRICS = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction")
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -47,8 +42,13 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: 
   return optax.softmax_cross_entropy(logits, labels)
 
 
-class LanguageModeling:
+class LanguageModeling(Task):
   """Next-token prediction on text: cross-entropy training, perplexity and routing statistics in evaluation."""
+
+  train_routing_keys = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction")
+  # Averaged over evaluation batches weighted by their tokens.
+  eval_routing_keys = ("expert_load", "importance_cv", "load_cv", "max_mean_load", "smooth_load_cv",
+                       "dropped_fraction")
 
   def build_model(self, config, rngs):
     name = config.model.get("name")
@@ -71,18 +71,9 @@ class LanguageModeling:
       raise ValueError(f"config.model.vocab_size={model_vocab} is smaller than the {data_vocab} tokens of "
                        f"config.data.tokenizer={config.data.get('tokenizer', 'bytes')!r}; set it to >= {data_vocab}")
 
-  def load_pretrained(self, model, config):
-    del model
-    raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r}: the language_model task has no "
-                     "pretrained weights to import; remove config.init.checkpoint (training starts from scratch)")
-
   def build_data(self, config, split, *, train, seed, batch_size):
     from vimoe.data.text import build_text_dataset  # pylint: disable=import-outside-toplevel
     return build_text_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)
-
-  def depth(self, model):
-    """Blocks for layer-wise learning-rate decay (parameters under `blocks/i`, vimoe/train/optim.py)."""
-    return len(model.blocks)
 
   def loss(self, model, batch, config):
     logits, aux = model(batch["inputs"], deterministic=False)               # [B, T, V]
@@ -90,16 +81,8 @@ class LanguageModeling:
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
     nll = token_cross_entropy(logits, batch["targets"], config.label_smoothing)  # [B, T]
     task_loss = jnp.sum(nll * mask) / tokens
-    aux_losses = aux.get("losses", {})
-    total = task_loss + sum(aux_losses.values())
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    metrics = {"train/loss": total, "train/task_loss": task_loss,
-               "train/accuracy": jnp.sum(correct * mask) / tokens}
-    metrics.update({f"train/aux/{name}": value for name, value in aux_losses.items()})
-    for key, value in moe_summary(aux, "train").items():
-      if key.split("/")[-1] in TRAIN_ROUTING_METRICS:
-        metrics[key] = value
-    return total, metrics
+    return self.add_aux_losses(task_loss, aux, {"train/accuracy": jnp.sum(correct * mask) / tokens})
 
   def eval_batch(self, model, batch):
     """Sums over the mask-1 tokens of a batch (evaluation batches are padded with mask 0)."""
@@ -109,11 +92,8 @@ class LanguageModeling:
     nll = token_cross_entropy(logits, batch["targets"])
     sums = {"tokens": jnp.sum(mask), "nll_sum": jnp.sum(nll * mask),
             "correct": jnp.sum(mask * (jnp.argmax(logits, -1) == batch["targets"]))}
-    # Routing statistics of the batch's real tokens, weighted by their number so that the sum over batches
-    # becomes a token-weighted average.
-    for key, value in moe_summary(aux, "moe").items():
-      if key.split("/")[-1] in EVAL_ROUTING_METRICS:
-        sums[key] = value * sums["tokens"]
+    # Routing statistics of the batch's real tokens: a token-weighted average.
+    sums.update(self.routing_sums(aux, sums["tokens"]))
     return sums
 
   def summarize(self, sums):
@@ -121,8 +101,5 @@ class LanguageModeling:
     loss = float(sums["nll_sum"]) / tokens
     out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 700.0)), "eval/bits_per_token": loss / math.log(2),
            "eval/accuracy": float(sums["correct"]) / tokens, "eval/tokens": float(sums["tokens"])}
-    for key, value in sums.items():
-      if key.startswith("moe/"):
-        value = np.asarray(value) / tokens
-        out["eval/" + key[len("moe/"):]] = value.tolist() if value.ndim else float(value)
+    out.update(self.routing_means(sums, tokens))
     return out

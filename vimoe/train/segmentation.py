@@ -23,9 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vimoe.train.tasks import moe_summary
-
-ROUTING_KEYS = ("dropped_fraction", "expert_load", "load_cv", "importance_cv")
+from vimoe.train.tasks import Task, load_vit_weights
 
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
@@ -55,8 +53,8 @@ def eval_window(config) -> tuple[int, int]:
   return crop, int(stride)
 
 
-class Segmentation:
-  """Task protocol of vimoe.train.tasks, for vimoe.models.segmentation.Segmenter."""
+class Segmentation(Task):
+  """The task of vimoe.models.segmentation.Segmenter (see vimoe/train/tasks.py)."""
 
   def build_model(self, config, rngs):
     from vimoe.models.segmentation import build_segmenter
@@ -65,9 +63,7 @@ class Segmentation:
 
   def load_pretrained(self, model, config):
     """The backbone from DINOv2 weights (see Classification.load_pretrained); MoE blocks are upcycled."""
-    from vimoe.checkpoints import load_pretrained
-    load_pretrained(model.backbone, config.init.checkpoint, noise_std=config.init.get("noise_std", 0.0),
-                    rng=jax.random.PRNGKey(config.seed))
+    load_vit_weights(model.backbone, config)
 
   def build_data(self, config, split, *, train, seed, batch_size):
     from vimoe.data.segmentation import build_segmentation_dataset
@@ -89,16 +85,10 @@ class Segmentation:
     pixel_loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
     task_loss = jnp.sum(valid * pixel_loss) / jnp.maximum(jnp.sum(valid), 1.0)
     frozen = config.model.get("head", {}).get("freeze_backbone", False)
-    aux_losses = {} if frozen else aux.get("losses", {})  # a frozen backbone's router is not trained
-    total = task_loss + sum(aux_losses.values())
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    metrics = {"train/loss": total, "train/task_loss": task_loss,
-               "train/pixel_accuracy": jnp.sum(valid * correct) / jnp.maximum(jnp.sum(valid), 1.0)}
-    metrics.update({f"train/aux/{name}": value for name, value in aux_losses.items()})
-    for key, value in moe_summary(aux, "train").items():
-      if key.endswith("dropped_fraction"):
-        metrics[key] = value
-    return total, metrics
+    return self.add_aux_losses(  # a frozen backbone's router is not trained
+        task_loss, aux, {"train/pixel_accuracy": jnp.sum(valid * correct) / jnp.maximum(jnp.sum(valid), 1.0)},
+        aux_losses={} if frozen else None)
 
   def predict(self, model, images, config):
     """Logits [B, H, W, K] for evaluation: one pass, or a sliding window when the image exceeds the crop."""
@@ -120,9 +110,7 @@ class Segmentation:
     # Routing statistics per image with any labelled pixel (padding images excluded), summed into an average.
     images = jnp.sum(jnp.any(labels >= 0, axis=(1, 2)).astype(jnp.float32))
     sums["images"] = images
-    for key, value in moe_summary(aux, "moe").items():
-      if key.split("/")[-1] in ROUTING_KEYS:
-        sums[key] = value * images
+    sums.update(self.routing_sums(aux, images))
     return sums
 
   def summarize(self, sums):
@@ -131,11 +119,7 @@ class Segmentation:
     out = {"eval/miou": scores["miou"], "eval/pixel_accuracy": scores["pixel_accuracy"],
            "eval/loss": float(sums["loss_sum"]) / pixels,
            "eval/iou_per_class": [None if np.isnan(v) else float(v) for v in scores["iou_per_class"]]}
-    images = max(float(sums["images"]), 1.0)
-    for key, value in sums.items():
-      if key.startswith("moe/"):
-        value = np.asarray(value) / images
-        out["eval/" + key[len("moe/"):]] = value.tolist() if value.ndim else float(value)
+    out.update(self.routing_means(sums, max(float(sums["images"]), 1.0)))
     return out
 
   def after_evaluation(self, model, config, workdir: pathlib.Path, step: int, metrics: dict) -> None:
@@ -146,8 +130,8 @@ class Segmentation:
     if not model.backbone.config.moe_layers:
       return
     from vimoe.analysis.expert_maps import save_expert_maps
-    from vimoe.data.segmentation import _resolve
-    data_cfg = _resolve(config.data)
+    from vimoe.data.segmentation import resolve_config
+    data_cfg = resolve_config(config.data)
     batch = next(iter(self.build_data(config, config.data.eval_split, train=False, seed=config.seed,
                                       batch_size=config.get("eval_batch_size", config.batch_size))))
     count = min(config.get("expert_map_images", 4), batch["image"].shape[0])

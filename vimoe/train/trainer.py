@@ -217,11 +217,6 @@ def _safe_to_change(key: str) -> bool:
   return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE)
 
 
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-  directory = workdir / "checkpoints"
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def reconcile_config(config, workdir: pathlib.Path) -> dict:
   """Compares `config` with the workdir's config.json when the workdir holds a run to resume.
 
@@ -229,7 +224,7 @@ def reconcile_config(config, workdir: pathlib.Path) -> dict:
   every other changed key with its old and new value, before anything is written.
   """
   path = workdir / "config.json"
-  if not path.exists() or not _has_checkpoints(workdir):
+  if not path.exists() or not checkpoint_steps(workdir):
     return {}  # nothing to resume: the run starts at step 0 with this config
   try:
     saved = json.loads(path.read_text())
@@ -406,8 +401,7 @@ def build(config, mesh=None):
   task = get_task(config.task)
   make_model = lambda: task.build_model(config, nnx.Rngs(params=config.seed, noise=config.seed + 1,
                                                         dropout=config.seed + 2))
-  # What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone).
-  trainable = task.trainable(config) if hasattr(task, "trainable") else nnx.Param
+  trainable = task.trainable(config)  # what the optimizer updates (a linear probe freezes the backbone)
   if mesh is None:
     model = make_model()
     optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
@@ -649,7 +643,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         final = evaluate(task, model, config, eval_step, mesh)
         writer.write(step, final)
         progress.write(f"step {step}: {headline(final)}")
-        if hasattr(task, "after_evaluation") and is_main_process():  # per-class tables, pictures
+        if is_main_process():  # per-class tables, pictures
           task.after_evaluation(model, config, workdir, step, final)
         state = nnx.state((model, optimizer))  # whatever evaluation changed in the model carries on, as before
     nnx.update((model, optimizer), state)
