@@ -271,6 +271,11 @@ def _write_cache(buffer: jax.Array, new: jax.Array, start) -> jax.Array:
 _init = jax.nn.initializers.normal(0.02)  # GPT-2 initialisation for embeddings and projections
 
 
+def _norm(config: LMConfig, rngs: nnx.Rngs) -> nnx.Module:
+  norm = nnx.RMSNorm if config.norm == "rmsnorm" else nnx.LayerNorm
+  return norm(config.dim, epsilon=config.norm_eps, dtype=DTYPES[config.dtype], rngs=rngs)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention; `qkv.kernel` [D, 3D] with output columns ordered (q|k|v, head, d)."""
 
@@ -313,10 +318,12 @@ class UmoeAttention(nnx.Module):
   `shared_query.kernel` [D, dk] and `shared` (one `moe.Experts`).
   """
 
-  def __init__(self, dim: int, hidden_dim: int, config: moe.MoeConfig, k: int, *, key_dim: int, query_rank: int,
-               mixing: str, shared_expert: bool, window: int, rope_base: float | None, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden_dim: int, config: moe.MoeConfig | int, k: int, *, key_dim: int,
+               query_rank: int, mixing: str, shared_expert: bool, window: int, rope_base: float | None, dtype,
+               rngs: nnx.Rngs, **options):
     """config: the block's MoE settings (num_experts, normalize_gates, dispatch, capacity_factor, the loss weights,
-    activation); k: experts per token of the attention (umoe_attn_k)."""
+    activation), or num_experts and those settings as keyword `options`; k: experts per token (umoe_attn_k)."""
+    config = moe.as_config(config, None, options)
     num_experts = config.num_experts
     self.config, self.num_experts, self.k, self.key_dim, self.mixing = config, num_experts, k, key_dim, mixing
     self.window, self.rope_base = window, rope_base
@@ -426,11 +433,9 @@ class Block(nnx.Module):
   def __init__(self, config: LMConfig, kind: str, *, rngs: nnx.Rngs):
     D, dtype = config.dim, DTYPES[config.dtype]
     self.kind = kind
-    norm = (lambda: nnx.RMSNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)) if config.norm == "rmsnorm" \
-        else (lambda: nnx.LayerNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs))
     rope_base = config.rope_base if config.positions == "rope" else None
     out_init = jax.nn.initializers.normal(0.02 / math.sqrt(2 * config.depth))  # GPT-2 residual scaling
-    self.norm1 = norm()
+    self.norm1 = _norm(config, rngs)
     if kind == "umoe":
       self.attn = UmoeAttention(
           D, config.expert_dim, config.moe, config.umoe_attn_k, key_dim=config.umoe_key_dim,
@@ -440,7 +445,7 @@ class Block(nnx.Module):
     else:
       self.attn = CausalSelfAttention(D, config.num_heads, window=config.max_length, rope_base=rope_base,
                                       dtype=dtype, out_init=out_init, rngs=rngs)
-    self.norm2 = norm()
+    self.norm2 = _norm(config, rngs)
     if kind == "dense":
       # One always-on expert: the same MLP code and initialisation as the MoE experts.
       self.mlp = moe.Experts(1, D, config.mlp_dim, activation=config.mlp_activation, rngs=rngs)
@@ -453,14 +458,14 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, token_ids: jax.Array, deterministic: bool,
                cache: dict | None = None, mask: jax.Array | None = None):
-    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": (losses, metrics) | None}, cache).
+    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": MoeAux | None}, cache).
     mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     hidden = self.norm1(x)
     aux = {"ffn": None, "attn": None}
     if self.kind == "umoe":
       out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache,
                                               mask=mask)
-      aux["attn"] = (losses, metrics)
+      aux["attn"] = moe.MoeAux(losses=losses, metrics=metrics)
     else:
       out, cache = self.attn(hidden, positions, cache)
     x = x + self._residual(out, deterministic)
@@ -488,8 +493,7 @@ class LanguageModel(nnx.Module):
     routed_kind = "umoe" if config.name == "umoe" else "moe"
     self.blocks = nnx.List([Block(config, routed_kind if i in config.moe_layers else "dense", rngs=rngs)
                             for i in range(config.depth)])
-    self.norm = (nnx.RMSNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs) if config.norm == "rmsnorm"
-                 else nnx.LayerNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs))
+    self.norm = _norm(config, rngs)
     self.head = (None if config.tie_embeddings
                  else nnx.Linear(D, config.vocab_size, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
@@ -518,24 +522,16 @@ class LanguageModel(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     if self.dropout is not None:
       x = self.dropout(x, deterministic=deterministic)
-    losses, metrics, new_cache = {}, {}, []
+    named_aux, new_cache = [], []
     for index, block in enumerate(self.blocks):
       x, block_aux, block_cache = block(x, positions=positions, token_ids=tokens, deterministic=deterministic,
                                         cache=None if cache is None else cache[index], mask=mask)
       new_cache.append(block_cache)
-      parts = []
-      if block_aux["ffn"] is not None:
-        metrics[f"block{index}"] = block_aux["ffn"].metrics
-        parts.append(block_aux["ffn"].losses)
-      if block_aux["attn"] is not None:
-        metrics[f"block{index}_attn"] = block_aux["attn"][1]
-        parts.append(block_aux["attn"][0])
-      for part in parts:
-        for name, value in part.items():
-          losses[name] = losses.get(name, 0.0) + value
+      named_aux += [(f"block{index}{suffix}", block_aux[part]) for part, suffix in (("ffn", ""), ("attn", "_attn"))
+                    if block_aux[part] is not None]
     x = self.norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)                    # [B, T, V]
-    return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}, new_cache
+    return logits.astype(jnp.float32), moe.sum_aux(named_aux), new_cache
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                mask: jax.Array | None = None) -> tuple[jax.Array, dict]:

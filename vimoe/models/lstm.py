@@ -68,7 +68,7 @@ from flax import nnx
 
 from vimoe import moe as moe_lib
 from vimoe.models import params as params_lib
-from vimoe.models.config_utils import as_dict
+from vimoe.models.config_utils import as_dict, positive_int
 from vimoe.models.params import activated_params, count_params  # noqa: F401  (the model's API)
 
 MOE_TYPES = ("flat", "hierarchical")
@@ -131,10 +131,7 @@ def lstm_config(config) -> LstmMoeConfig:
                                            defaults=MOE_DEFAULTS, validate=False)
   resolved = LstmMoeConfig(**fields, moe=moe_config)
   for key in ("vocab_size", "dim", "hidden_dim"):
-    value = getattr(resolved, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      prefix = "moe." if key == "hidden_dim" else ""
-      raise ValueError(f"config.model.{prefix}{key}={value!r} must be a positive integer")
+    positive_int(getattr(resolved, key), f"config.model.{'moe.' if key == 'hidden_dim' else ''}{key}")
   if not 0 <= resolved.dropout < 1:
     raise ValueError(f"config.model.dropout={resolved.dropout!r} must be in [0, 1)")
   if resolved.moe_type not in MOE_TYPES:
@@ -284,15 +281,13 @@ class LstmMoeLM(nnx.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, time] integer ids")
     x = _apply_dropout(self.embed_dropout, self.embed(tokens), deterministic)   # [B, T, D]
-    losses, metrics = {}, {}
+    named_aux = []
     for index, block in enumerate(self.blocks):
       x, block_aux = block(x, deterministic=deterministic, mask=mask)
       if block_aux is not None:
-        metrics[f"block{index}"] = block_aux.metrics
-        for name, value in block_aux.losses.items():
-          losses[name] = losses.get(name, 0.0) + value
+        named_aux.append((f"block{index}", block_aux))
     logits = self.head(x)                                                        # [B, T, V]
-    return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}
+    return logits.astype(jnp.float32), moe_lib.sum_aux(named_aux)
 
 
 def build_lstm_lm(config, *, rngs: nnx.Rngs | None = None) -> LstmMoeLM:

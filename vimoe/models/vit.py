@@ -389,7 +389,7 @@ class ViT(nnx.Module):
     wanted = [index % depth if -depth <= index < depth else index for index in return_layers]
     if any(not 0 <= index < depth for index in wanted):
       raise ValueError(f"return_layers={tuple(return_layers)} must be block indices in [-{depth}, {depth - 1}]")
-    losses, metrics, routing_choice, outputs = {}, {}, {}, {}
+    named_aux, routing_choice, outputs = [], {}, {}
     token_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool)[:, None], x.shape[:2])
     for index, block in enumerate(self.blocks):
       if return_routing:
@@ -399,12 +399,10 @@ class ViT(nnx.Module):
       else:
         x, block_aux = block(x, deterministic=deterministic, mask=token_mask)
       if block_aux is not None:
-        metrics[f"block{index}"] = block_aux.metrics
-        for name, value in block_aux.losses.items():
-          losses[name] = losses.get(name, 0.0) + value
+        named_aux.append((f"block{index}", block_aux))
       if index in wanted:
         outputs[index] = x
-    aux = {"losses": losses, "metrics": metrics}
+    aux = moe.sum_aux(named_aux)
     if wanted:
       aux["layers"] = [self.norm(outputs[index]) for index in wanted]
     if return_routing:

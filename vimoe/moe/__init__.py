@@ -10,16 +10,16 @@ A new router: subclass `moe.Router` (or `moe.TokenChoiceRouter`) in vimoe/moe/ro
 """
 
 from vimoe.moe import dispatch, losses, routing
-from vimoe.moe.config import DISPATCHES, ROUTE_PER, MoeConfig
+from vimoe.moe.config import DISPATCHES, ROUTE_PER, MoeConfig, as_config
 from vimoe.moe.experts import ACTIVATIONS, Experts, expert_mlp, stacked_expert_mlp
-from vimoe.moe.layer import HierarchicalMoeLayer, MoeAux, MoeLayer, weighted_losses
+from vimoe.moe.layer import HierarchicalMoeLayer, MoeAux, MoeLayer, sum_aux, weighted_losses
 from vimoe.moe.routers import (ROUTERS, Gating, Router, TokenChoiceRouter, is_dropless, register_router,
                                routing_capacity)
 from vimoe.moe.routing import Assignment, expert_capacity
 from vimoe.moe.sharding import run_experts
 
 __all__ = [
-    "ACTIVATIONS", "Assignment", "DISPATCHES", "Experts", "Gating", "HierarchicalMoeLayer", "MoeAux", "MoeConfig",
+    "ACTIVATIONS", "Assignment", "DISPATCHES", "as_config", "Experts", "Gating", "HierarchicalMoeLayer", "MoeAux", "MoeConfig",
     "MoeLayer", "ROUTE_PER", "ROUTERS", "Router", "TokenChoiceRouter", "dispatch", "expert_capacity", "expert_mlp",
-    "is_dropless", "losses", "register_router", "routing", "routing_capacity", "run_experts", "stacked_expert_mlp", "weighted_losses",
+    "is_dropless", "losses", "register_router", "routing", "routing_capacity", "run_experts", "stacked_expert_mlp", "sum_aux", "weighted_losses",
 ]

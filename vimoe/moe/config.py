@@ -137,3 +137,19 @@ class MoeConfig:
     if self.load_weight > 0 and not router.has_load_loss:
       raise ValueError(f"load_weight={self.load_weight!r} with router={self.router!r}: Shazeer's load loss needs "
                        "the noise of router='noisy_top_k'; use balance_weight for other routers")
+    if not router.learns_routing and (self.importance_weight or self.balance_weight or self.z_loss_weight):
+      raise ValueError(f"router={self.router!r} has no learned discrete routing to balance; set importance_weight, "
+                       "balance_weight and z_loss_weight to 0")
+
+
+def as_config(config: MoeConfig | int | None, k: int | None, options: dict) -> MoeConfig:
+  """A MoeConfig from either a MoeConfig or the keyword-argument convenience (num_experts, k, **fields)."""
+  if isinstance(config, MoeConfig):
+    if k is not None or options:
+      raise TypeError(f"pass a MoeConfig or keyword arguments, not both (got k={k!r} and {sorted(options)})")
+    return config
+  if config is not None:
+    options["num_experts"] = config
+  if k is not None:
+    options["k"] = k
+  return MoeConfig(**options)

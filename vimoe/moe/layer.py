@@ -15,7 +15,7 @@ from flax import nnx, struct
 from vimoe.moe import losses as losses_lib
 from vimoe.moe import routing
 from vimoe.moe import sharding
-from vimoe.moe.config import MoeConfig
+from vimoe.moe.config import MoeConfig, as_config
 from vimoe.moe.experts import Experts
 from vimoe.moe.routers import ROUTERS, NoisyTopKRouter, is_dropless, routing_capacity
 from vimoe.moe.sharding import run_experts
@@ -36,17 +36,15 @@ class MoeAux:
   metrics: dict
 
 
-def as_config(config: MoeConfig | int | None, k: int | None, options: dict) -> MoeConfig:
-  """A MoeConfig from either a MoeConfig or the keyword-argument convenience (num_experts, k, **fields)."""
-  if isinstance(config, MoeConfig):
-    if k is not None or options:
-      raise TypeError(f"pass a MoeConfig or keyword arguments, not both (got k={k!r} and {sorted(options)})")
-    return config
-  if config is not None:
-    options["num_experts"] = config
-  if k is not None:
-    options["k"] = k
-  return MoeConfig(**options)
+def sum_aux(named_aux) -> dict:
+  """A model's aux from its layers' (name, MoeAux) pairs: {"losses": {loss: sum over layers}, "metrics": {name:
+  that layer's metrics}}."""
+  losses, metrics = {}, {}
+  for name, aux in named_aux:
+    metrics[name] = aux.metrics
+    for key, value in aux.losses.items():
+      losses[key] = losses.get(key, 0.0) + value
+  return {"losses": losses, "metrics": metrics}
 
 
 def weighted_losses(config: MoeConfig, metrics: dict, names=("importance", "load", "balance", "z_loss")) -> dict:

@@ -52,6 +52,7 @@ class Router(nnx.Module):
   sees_other_tokens: ClassVar[bool] = False  # the decision for one unit depends on others of its group
   has_priority: ClassVar[bool] = False       # batch priority routing applies
   has_load_loss: ClassVar[bool] = False      # Shazeer's load loss (needs router noise)
+  learns_routing: ClassVar[bool] = True      # False: nothing to balance (no importance, balance or z-loss)
   needs_token_ids: ClassVar[bool] = False
 
   def __init__(self, dim: int, config: MoeConfig, *, rngs: nnx.Rngs):
@@ -75,6 +76,7 @@ class Router(nnx.Module):
     return features @ self.kernel[...]
 
   def first_choice(self, features: jax.Array, ids: jax.Array | None) -> jax.Array:
+    """The expert each unit ranks first [G,S] int32: the arg-max of the router logits."""
     del ids
     return jnp.argmax(self.logits(features), axis=-1).astype(jnp.int32)
 
@@ -110,6 +112,10 @@ class TokenChoiceRouter(Router):
   def gate(self, features: jax.Array, k: int, *, ids=None, deterministic: bool = True, valid=None) -> Gating:
     raise NotImplementedError
 
+  def first_choice(self, features, ids):
+    """The first of a unit's choices (routers with logits: their arg-max, as Router does)."""
+    return self.gate(features, 1, ids=ids).expert_index[..., 0]
+
   def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid):
     g = self.gate(features, k, ids=ids, deterministic=deterministic, valid=valid)
     assignment = routing.assign_slots(g.expert_index, g.gates, self.num_experts, capacity,
@@ -125,6 +131,7 @@ class TopKRouter(TokenChoiceRouter):
   """Softmax top-k (Switch, GShard, V-MoE): `kernel` [D,E]. Batch priority orders by top-1 router probability (a
   renormalised k=1 gate is 1 for every token)."""
   name = "top_k"
+  first_choice = Router.first_choice
 
   def __init__(self, dim, config, *, rngs):
     super().__init__(dim, config, rngs=rngs)
@@ -142,6 +149,7 @@ class NoisyTopKRouter(TokenChoiceRouter):
   load loss (eqs. 8-11) and orders batch priority by the top-1 probability of the noisy logits."""
   name = "noisy_top_k"
   has_load_loss = True
+  first_choice = Router.first_choice   # read without noise, as in evaluation
 
   def __init__(self, dim, config, *, rngs):
     super().__init__(dim, config, rngs=rngs)
@@ -213,6 +221,7 @@ class SoftRouter(Router):
   name = "soft"
   uses_k = False
   sees_other_tokens = True
+  learns_routing = False
 
   def __init__(self, dim, config, *, rngs):
     super().__init__(dim, config, rngs=rngs)
@@ -225,9 +234,6 @@ class SoftRouter(Router):
     if config.dispatch != "einsum":
       raise ValueError(f"dispatch={config.dispatch!r} with router='soft': Soft MoE mixes every token into every "
                        "slot, which only the einsum dispatch expresses; use dispatch='einsum'")
-    if config.importance_weight or config.balance_weight or config.z_loss_weight:
-      raise ValueError("router='soft' has no discrete routing to balance; set importance_weight, balance_weight "
-                       "and z_loss_weight to 0")
 
   def experts_per_token(self, k):
     return self.num_experts
@@ -273,6 +279,7 @@ class HashRouter(TokenChoiceRouter):
   nothing to order by (ties), so position order stays."""
   name = "hash"
   needs_token_ids = True
+  learns_routing = False
 
   @classmethod
   def check_config(cls, config):
@@ -281,9 +288,6 @@ class HashRouter(TokenChoiceRouter):
                        "use k=1")
     if config.route_per == "item":
       raise ValueError("route_per='item' with router='hash': hash routing needs token ids; use route_per='token'")
-    if config.importance_weight or config.balance_weight or config.z_loss_weight:
-      raise ValueError("router='hash' has no learned router; set importance_weight, balance_weight and "
-                       "z_loss_weight to 0")
 
   def first_choice(self, features, ids):
     if ids is None:
