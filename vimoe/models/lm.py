@@ -75,8 +75,8 @@ Model config keys (`build_lm(config)`; ml_collections.ConfigDict or dict):
                        default), "last:L", "every:n", or a list of 0-based indices (see `vit.parse_moe_layers`)
     num_experts (8), k (1), hidden_dim (None: mlp_dim; the expert width), router ("top_k"; also "noisy_top_k",
     "prototype", "hash"), capacity_factor (None: dropless), dispatch ("gather"), num_shared_experts (0),
-    normalize_gates (False), balance_weight, importance_weight, z_loss_weight, load_weight (0.0) -- the arguments
-    of `moe.MoeLayer`. The UMoE attention router is always "top_k" and uses the same loss weights.
+    normalize_gates (False), balance_weight, importance_weight, z_loss_weight, load_weight (0.0) -- fields of
+    `moe.MoeConfig` (with causal=True). The UMoE attention router is always "top_k" and uses the same loss weights.
 
 Call: `logits, aux = model(tokens, deterministic=...)`, tokens int32 [B, T] -> logits float32 [B, T, V];
 aux = {"losses": {name: sum over blocks}, "metrics": {"block{i}": FFN MoE metrics, "block{i}_attn": UMoE
@@ -87,15 +87,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vimoe import moe
-from vimoe.moe import routing
-from vimoe.moe.layer import token_choice_metrics, routing_capacity, run_experts
-from vimoe.models.vit import DTYPES, _as_dict, _check_keys, _positive_int, parse_moe_layers
+from vimoe.models import params as params_lib
+from vimoe.models.config_utils import DTYPES, as_dict, check_keys, choose, parse_moe_layers, positive_int
 
 NAMES = ("transformer", "umoe")
 POSITIONS = ("rope", "learned")
@@ -103,21 +103,10 @@ NORMS = ("rmsnorm", "layernorm")
 MIXINGS = ("pre", "post")
 
 
-@dataclasses.dataclass(frozen=True)
-class LmMoeConfig:
-  """Arguments of every `moe.MoeLayer` of the model (and of the UMoE attention's routing)."""
-  num_experts: int = 8
-  k: int = 1
-  hidden_dim: int | None = None
-  router: str = "top_k"
-  capacity_factor: float | None = None
-  dispatch: str = "gather"
-  num_shared_experts: int = 0
-  normalize_gates: bool = False
-  balance_weight: float = 0.0
-  importance_weight: float = 0.0
-  z_loss_weight: float = 0.0
-  load_weight: float = 0.0
+# The MoE settings an LM config may give (`model.moe.*`, besides `layers` and `hidden_dim`) and their defaults.
+MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "num_shared_experts", "normalize_gates",
+              "balance_weight", "importance_weight", "z_loss_weight", "load_weight")
+MOE_DEFAULTS = moe.MoeConfig(capacity_factor=None, dispatch="gather", causal=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,11 +133,12 @@ class LMConfig:
   umoe_key_dim: int = 64
   umoe_attn_shared_expert: bool = True
   moe_layers: tuple[int, ...] = ()
-  moe: LmMoeConfig = LmMoeConfig()
+  moe: moe.MoeConfig = MOE_DEFAULTS    # its activation is mlp_activation
+  moe_hidden_dim: int | None = None    # model.moe.hidden_dim: the expert width (None: mlp_dim)
 
   @property
   def expert_dim(self) -> int:
-    return self.moe.hidden_dim or self.mlp_dim
+    return self.moe_hidden_dim or self.mlp_dim
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,13 +147,8 @@ class LMConfig:
 
 SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim")
 UMOE_KEYS = ("umoe_mixing", "umoe_attn_k", "umoe_query_rank", "umoe_key_dim", "umoe_attn_shared_expert")
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig) if f.name not in ("moe_layers",))
-MOE_KEYS = ("layers",) + tuple(f.name for f in dataclasses.fields(LmMoeConfig))
-
-
-def _choose(key: str, value, valid) -> None:
-  if value not in valid:
-    raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(repr, valid))}")
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig) if f.name not in ("moe_layers", "moe_hidden_dim"))
+MOE_KEYS = ("layers", "hidden_dim") + MOE_FIELDS
 
 
 def lm_config(config, prefix: str = "model.") -> LMConfig:
@@ -171,12 +156,12 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
 
   Raises ValueError naming the key (with `prefix`), its value and what is valid; nothing is built or compiled.
   """
-  given = dict(_as_dict(config))
-  _check_keys(given, MODEL_KEYS, prefix)
-  moe_given = _as_dict(given.pop("moe", None))
-  _check_keys(moe_given, MOE_KEYS, prefix + "moe.")
+  given = as_dict(config)
+  check_keys(given, MODEL_KEYS, prefix)
+  moe_given = as_dict(given.pop("moe", None))
+  check_keys(moe_given, MOE_KEYS, prefix + "moe.")
   name = given.get("name")
-  _choose(prefix + "name", name, NAMES)
+  choose(prefix + "name", name, NAMES)
   if name != "umoe":
     stray = [key for key in UMOE_KEYS if given.get(key) is not None]
     if stray:
@@ -188,13 +173,13 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
   resolved = {key: value for key, value in given.items() if value is not None}
   for key in SIZE_KEYS + ("vocab_size", "max_length"):
     if key in resolved:
-      resolved[key] = _positive_int(resolved[key], prefix + key)
+      resolved[key] = positive_int(resolved[key], prefix + key)
   if resolved["dim"] % resolved["num_heads"]:
     raise ValueError(f"{prefix}num_heads={resolved['num_heads']} must divide {prefix}dim={resolved['dim']}")
   for key, valid in (("positions", POSITIONS), ("norm", NORMS), ("dtype", tuple(DTYPES)),
                      ("mlp_activation", moe.ACTIVATIONS), ("umoe_mixing", MIXINGS)):
     if key in resolved:
-      _choose(prefix + key, resolved[key], valid)
+      choose(prefix + key, resolved[key], valid)
   rope = resolved.get("positions", "rope") == "rope"
   if rope and (resolved["dim"] // resolved["num_heads"]) % 2:
     raise ValueError(f"{prefix}dim / {prefix}num_heads = {resolved['dim'] // resolved['num_heads']} must be even "
@@ -212,13 +197,16 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
   default_layers = "every:1" if name == "umoe" else "none"
   layers = moe_given.pop("layers", None)
   moe_layers = parse_moe_layers(default_layers if layers is None else layers, depth, key=prefix + "moe.layers")
-  moe_config = LmMoeConfig(**{k: v for k, v in moe_given.items()
-                              if v is not None or k in ("capacity_factor", "hidden_dim")})
   if name == "umoe" and not moe_layers:
     raise ValueError(f"{prefix}moe.layers={layers!r} selects no block, but {prefix}name='umoe' needs UMoE blocks; "
                      f"use e.g. 'every:1' (every block), or {prefix}name='transformer' for a dense model")
-  if moe_layers:
-    _validate_moe(moe_config, resolved.get("mlp_activation", "gelu"), prefix + "moe.")
+  hidden_dim = moe_given.pop("hidden_dim", None)
+  # causal=True refuses routers that see future tokens.
+  moe_config = moe.MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
+                                       validate=bool(moe_layers),
+                                       activation=resolved.get("mlp_activation", MOE_DEFAULTS.activation))
+  if moe_layers and hidden_dim is not None:
+    positive_int(hidden_dim, prefix + "moe.hidden_dim")
   if name == "umoe":
     E = moe_config.num_experts
     attn_k = resolved.get("umoe_attn_k", 2)
@@ -235,29 +223,10 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     rank = resolved.get("umoe_query_rank", 16)
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
       raise ValueError(f"{prefix}umoe_query_rank={rank!r} must be an integer >= 0 (0: no per-expert query term)")
-    key_dim = _positive_int(resolved.get("umoe_key_dim", 64), prefix + "umoe_key_dim")
+    key_dim = positive_int(resolved.get("umoe_key_dim", 64), prefix + "umoe_key_dim")
     if rope and key_dim % 2:
       raise ValueError(f"{prefix}umoe_key_dim={key_dim} must be even with {prefix}positions='rope'")
-  return LMConfig(moe_layers=moe_layers, moe=moe_config, **resolved)
-
-
-def _validate_moe(config: LmMoeConfig, activation: str, prefix: str) -> None:
-  E, k = config.num_experts, config.k
-  if not isinstance(E, (int, np.integer)) or isinstance(E, bool) or E < 1:
-    raise ValueError(f"{prefix}num_experts={E!r} must be a positive integer")
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= E:
-    raise ValueError(f"{prefix}k={k!r} must be an integer in [1, {prefix}num_experts={E}]")
-  if config.hidden_dim is not None:
-    _positive_int(config.hidden_dim, prefix + "hidden_dim")
-  try:  # the MoeLayer's own checks; causal=True refuses routers that see future tokens
-    moe.validate_moe_args(
-        num_experts=E, k=k, router=config.router, capacity_factor=config.capacity_factor,
-        dispatch=config.dispatch, route_per="token", num_shared_experts=config.num_shared_experts,
-        activation=activation, batch_priority=False, causal=True, group_size=None,
-        load_weight=config.load_weight, importance_weight=config.importance_weight,
-        balance_weight=config.balance_weight, z_loss_weight=config.z_loss_weight)
-  except ValueError as error:  # the MoeLayer's messages start with the argument name, which is the config key
-    raise ValueError(f"{prefix}{error}") from None
+  return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim, **resolved)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,6 +271,11 @@ def _write_cache(buffer: jax.Array, new: jax.Array, start) -> jax.Array:
 _init = jax.nn.initializers.normal(0.02)  # GPT-2 initialisation for embeddings and projections
 
 
+def _norm(config: LMConfig, rngs: nnx.Rngs) -> nnx.Module:
+  norm = nnx.RMSNorm if config.norm == "rmsnorm" else nnx.LayerNorm
+  return norm(config.dim, epsilon=config.norm_eps, dtype=DTYPES[config.dtype], rngs=rngs)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention; `qkv.kernel` [D, 3D] with output columns ordered (q|k|v, head, d)."""
 
@@ -344,17 +318,16 @@ class UmoeAttention(nnx.Module):
   `shared_query.kernel` [D, dk] and `shared` (one `moe.Experts`).
   """
 
-  def __init__(self, dim: int, hidden_dim: int, num_experts: int, k: int, *, key_dim: int, query_rank: int,
-               mixing: str, shared_expert: bool, activation: str, window: int, rope_base: float | None,
-               normalize_gates: bool, dispatch: str, capacity_factor: float | None, balance_weight: float,
-               importance_weight: float, z_loss_weight: float, dtype, rngs: nnx.Rngs):
-    self.num_experts, self.k, self.key_dim, self.mixing = num_experts, k, key_dim, mixing
-    self.window, self.rope_base, self.normalize_gates = window, rope_base, normalize_gates
-    self.dispatch, self.capacity_factor = dispatch, capacity_factor
-    self.loss_weights = (("attn_balance", "balance_loss", balance_weight),
-                         ("attn_importance", "importance_loss", importance_weight),
-                         ("attn_z_loss", "router_z_loss", z_loss_weight))
-    self.router = moe.Router(dim, num_experts, "top_k", rngs=rngs)
+  def __init__(self, dim: int, hidden_dim: int, config: moe.MoeConfig | int, k: int, *, key_dim: int,
+               query_rank: int, mixing: str, shared_expert: bool, window: int, rope_base: float | None, dtype,
+               rngs: nnx.Rngs, **options):
+    """config: the block's MoE settings (num_experts, normalize_gates, dispatch, capacity_factor, the loss weights,
+    activation), or num_experts and those settings as keyword `options`; k: experts per token (umoe_attn_k)."""
+    config = moe.as_config(config, None, options)
+    num_experts = config.num_experts
+    self.config, self.num_experts, self.k, self.key_dim, self.mixing = config, num_experts, k, key_dim, mixing
+    self.window, self.rope_base = window, rope_base
+    self.router = moe.ROUTERS["top_k"](dim, config, rngs=rngs)
     self.query = nnx.Linear(dim, key_dim, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs)
     self.key = nnx.Linear(dim, key_dim, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs)
     if query_rank:
@@ -365,7 +338,7 @@ class UmoeAttention(nnx.Module):
       self.query_down = self.query_up = None
     if shared_expert:
       self.shared_query = nnx.Linear(dim, key_dim, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs)
-      self.shared = moe.Experts(1, dim, hidden_dim, activation=activation, rngs=rngs)
+      self.shared = moe.Experts(1, dim, hidden_dim, activation=config.activation, rngs=rngs)
     else:
       self.shared_query = self.shared = None
 
@@ -397,8 +370,7 @@ class UmoeAttention(nnx.Module):
     (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     B, T, D = x.shape
     E, K = self.num_experts, self.k
-    logits = x.astype(jnp.float32) @ self.router.kernel[...]                                 # [B, T, E]
-    expert_index, gates, probs = routing.top_k_gating(logits, K, self.normalize_gates)     # [B, T, K]
+    expert_index, gates, probs, logits, _, _ = self.router.gate(x.astype(jnp.float32), K)  # [B, T, K], [B, T, E]
     q = self._queries(x, expert_index)                                                     # [B, T, K(+1), dk]
     keys = self.key(x)                                                                      # [B, T, dk]
     if self.rope_base is not None:
@@ -427,11 +399,11 @@ class UmoeAttention(nnx.Module):
       units = mixed[:, :K].reshape(B, K * T, D)
       unit_index = expert_index.transpose(0, 2, 1).reshape(B, K * T, 1)
       unit_gates = gates.transpose(0, 2, 1).reshape(B, K * T, 1)
-      capacity = routing_capacity(self.dispatch, self.capacity_factor, K * T, E, 1)
+      capacity = moe.routing_capacity(self.config.dispatch, self.config.capacity_factor, K * T, E, 1)
       unit_valid = None if mask is None else jnp.tile(jnp.asarray(mask, bool), (1, K))      # [B, K*T] choice-major
-      assignment = routing.assign_slots(unit_index, unit_gates, E, capacity, valid=unit_valid)
-      routed = run_experts(experts, units, assignment, dispatch=self.dispatch, capacity=capacity,
-                           tokens_per_unit=1, block_size=None)                              # p_i E_i(a_i X)
+      assignment = moe.routing.assign_slots(unit_index, unit_gates, E, capacity, valid=unit_valid)
+      routed = moe.run_experts(experts, units, assignment, dispatch=self.config.dispatch, capacity=capacity,
+                               tokens_per_unit=1, block_size=None)                          # p_i E_i(a_i X)
       y = routed.reshape(B, K, T, D).sum(axis=1)
       kept = assignment.kept.reshape(B, K, T).transpose(0, 2, 1)
       if self.shared is not None:
@@ -445,10 +417,12 @@ class UmoeAttention(nnx.Module):
       if self.shared is not None:
         y = y + jnp.einsum("bts,bsd->btd", weights[:, K].astype(x.dtype), values["shared_values"])
       capacity = None
-    metrics = token_choice_metrics(probs, logits, expert_index, gates, kept, E,
-                                   None if mask is None else jnp.asarray(mask, bool))
+    metrics = moe.losses.token_choice_metrics(probs, logits, expert_index, gates, kept, E,
+                                              None if mask is None else jnp.asarray(mask, bool))
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)
-    losses = {name: weight * metrics[metric] for name, metric, weight in self.loss_weights if weight > 0}
+    # The attention's own losses (its top-k router has no load loss), named "attn_balance", ...
+    weighted = moe.weighted_losses(self.config, metrics, names=("importance", "balance", "z_loss"))
+    losses = {"attn_" + name: value for name, value in weighted.items()}
     return y, losses, metrics, cache
 
 
@@ -459,34 +433,24 @@ class Block(nnx.Module):
   def __init__(self, config: LMConfig, kind: str, *, rngs: nnx.Rngs):
     D, dtype = config.dim, DTYPES[config.dtype]
     self.kind = kind
-    m = config.moe
-    norm = (lambda: nnx.RMSNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)) if config.norm == "rmsnorm" \
-        else (lambda: nnx.LayerNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs))
     rope_base = config.rope_base if config.positions == "rope" else None
     out_init = jax.nn.initializers.normal(0.02 / math.sqrt(2 * config.depth))  # GPT-2 residual scaling
-    self.norm1 = norm()
+    self.norm1 = _norm(config, rngs)
     if kind == "umoe":
       self.attn = UmoeAttention(
-          D, config.expert_dim, m.num_experts, config.umoe_attn_k, key_dim=config.umoe_key_dim,
+          D, config.expert_dim, config.moe, config.umoe_attn_k, key_dim=config.umoe_key_dim,
           query_rank=config.umoe_query_rank, mixing=config.umoe_mixing,
-          shared_expert=config.umoe_attn_shared_expert, activation=config.mlp_activation,
-          window=config.max_length, rope_base=rope_base,
-          normalize_gates=m.normalize_gates, dispatch=m.dispatch, capacity_factor=m.capacity_factor,
-          balance_weight=m.balance_weight, importance_weight=m.importance_weight, z_loss_weight=m.z_loss_weight,
+          shared_expert=config.umoe_attn_shared_expert, window=config.max_length, rope_base=rope_base,
           dtype=dtype, rngs=rngs)
     else:
       self.attn = CausalSelfAttention(D, config.num_heads, window=config.max_length, rope_base=rope_base,
                                       dtype=dtype, out_init=out_init, rngs=rngs)
-    self.norm2 = norm()
+    self.norm2 = _norm(config, rngs)
     if kind == "dense":
       # One always-on expert: the same MLP code and initialisation as the MoE experts.
       self.mlp = moe.Experts(1, D, config.mlp_dim, activation=config.mlp_activation, rngs=rngs)
     else:
-      self.mlp = moe.MoeLayer(
-          D, config.expert_dim, m.num_experts, m.k, router=m.router, capacity_factor=m.capacity_factor,
-          dispatch=m.dispatch, num_shared_experts=m.num_shared_experts, normalize_gates=m.normalize_gates,
-          activation=config.mlp_activation, causal=True, importance_weight=m.importance_weight,
-          load_weight=m.load_weight, balance_weight=m.balance_weight, z_loss_weight=m.z_loss_weight, rngs=rngs)
+      self.mlp = moe.MoeLayer(D, config.expert_dim, config.moe, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
   def _residual(self, branch: jax.Array, deterministic: bool) -> jax.Array:
@@ -494,14 +458,14 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, token_ids: jax.Array, deterministic: bool,
                cache: dict | None = None, mask: jax.Array | None = None):
-    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": (losses, metrics) | None}, cache).
+    """x [B, T, D] -> (x [B, T, D], {"ffn": MoeAux | None, "attn": MoeAux | None}, cache).
     mask [B, T] (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
     hidden = self.norm1(x)
     aux = {"ffn": None, "attn": None}
     if self.kind == "umoe":
       out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache,
                                               mask=mask)
-      aux["attn"] = (losses, metrics)
+      aux["attn"] = moe.MoeAux(losses=losses, metrics=metrics)
     else:
       out, cache = self.attn(hidden, positions, cache)
     x = x + self._residual(out, deterministic)
@@ -509,7 +473,7 @@ class Block(nnx.Module):
     if self.kind == "dense":
       out = self.mlp.apply_all(hidden)
     else:
-      ids = token_ids if self.mlp.router_kind == "hash" else None
+      ids = token_ids if self.mlp.router.needs_token_ids else None
       out, aux["ffn"] = self.mlp(hidden, token_ids=ids, mask=mask, deterministic=deterministic)
     return x + self._residual(out, deterministic), aux, cache
 
@@ -529,11 +493,25 @@ class LanguageModel(nnx.Module):
     routed_kind = "umoe" if config.name == "umoe" else "moe"
     self.blocks = nnx.List([Block(config, routed_kind if i in config.moe_layers else "dense", rngs=rngs)
                             for i in range(config.depth)])
-    self.norm = (nnx.RMSNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs) if config.norm == "rmsnorm"
-                 else nnx.LayerNorm(D, epsilon=config.norm_eps, dtype=dtype, rngs=rngs))
+    self.norm = _norm(config, rngs)
     self.head = (None if config.tie_embeddings
                  else nnx.Linear(D, config.vocab_size, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+
+  # -- what the optimizer and the analysis read --------------------------------------------------------------------
+  EMBEDDINGS = ("embed", "pos_embed")
+
+  @property
+  def backbone(self) -> LanguageModel:
+    return self
+
+  @property
+  def depth(self) -> int:
+    return len(self.blocks)
+
+  def layer_id(self, path: str) -> int:
+    """BEiT layer index of the parameter at '/'-joined `path`: 0 embeddings, i+1 block i, depth+1 the rest."""
+    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
 
   def _run(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool, cache: list | None,
            mask: jax.Array | None = None):
@@ -544,24 +522,16 @@ class LanguageModel(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     if self.dropout is not None:
       x = self.dropout(x, deterministic=deterministic)
-    losses, metrics, new_cache = {}, {}, []
+    named_aux, new_cache = [], []
     for index, block in enumerate(self.blocks):
       x, block_aux, block_cache = block(x, positions=positions, token_ids=tokens, deterministic=deterministic,
                                         cache=None if cache is None else cache[index], mask=mask)
       new_cache.append(block_cache)
-      parts = []
-      if block_aux["ffn"] is not None:
-        metrics[f"block{index}"] = block_aux["ffn"].metrics
-        parts.append(block_aux["ffn"].losses)
-      if block_aux["attn"] is not None:
-        metrics[f"block{index}_attn"] = block_aux["attn"][1]
-        parts.append(block_aux["attn"][0])
-      for part in parts:
-        for name, value in part.items():
-          losses[name] = losses.get(name, 0.0) + value
+      named_aux += [(f"block{index}{suffix}", block_aux[part]) for part, suffix in (("ffn", ""), ("attn", "_attn"))
+                    if block_aux[part] is not None]
     x = self.norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)                    # [B, T, V]
-    return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}, new_cache
+    return logits.astype(jnp.float32), moe.sum_aux(named_aux), new_cache
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                mask: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -61,17 +61,28 @@ Model config keys (`build_lstm_lm(config)`; config an ml_collections.ConfigDict 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vimoe import moe as moe_lib
+from vimoe.models import params as params_lib
+from vimoe.models.config_utils import as_dict, positive_int
+from vimoe.models.params import activated_params, count_params  # noqa: F401  (the model's API)
 
 MOE_TYPES = ("flat", "hierarchical")
-_MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "moe")
+MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "moe")
+# model.moe keys: the LSTM-MoE's own (-> LstmMoeConfig field) and those of the MoeConfig (MOE_FIELDS).
+MOE_EXTRAS = {"type": "moe_type", "hidden_dim": "hidden_dim", "num_groups": "num_groups",
+              "experts_per_group": "experts_per_group", "k_primary": "k_primary", "k_secondary": "k_secondary"}
+MOE_FIELDS = ("num_experts", "k", "importance_weight", "load_weight", "capacity_factor", "dispatch", "group_size")
+MOE_KEYS = ("type", "hidden_dim", "num_experts", "k", "num_groups", "experts_per_group", "k_primary", "k_secondary",
+            "importance_weight", "load_weight", "capacity_factor", "dispatch", "group_size")
+# The paper's MoE (flat MoE-256 of appendix C.1): ReLU experts, noisy top-4 of 256, both losses weighted 0.1.
+MOE_DEFAULTS = moe_lib.MoeConfig(num_experts=256, k=4, router="noisy_top_k", capacity_factor=None,
+                                 dispatch="gather", activation="relu", causal=True, importance_weight=0.1,
+                                 load_weight=0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,17 +94,14 @@ class LstmMoeConfig:
   forget_bias: float = 1.0
   moe_type: str = "flat"
   hidden_dim: int = 1024
-  num_experts: int = 256
-  k: int = 4
   num_groups: int = 16
   experts_per_group: int = 256
   k_primary: int = 2
   k_secondary: int = 2
-  importance_weight: float = 0.1
-  load_weight: float = 0.1
-  capacity_factor: float | None = None
-  dispatch: str = "gather"
-  group_size: int | None = None
+  moe: moe_lib.MoeConfig = MOE_DEFAULTS   # num_experts and k are the flat MoE's
+
+  num_experts = property(lambda self: self.moe.num_experts)
+  k = property(lambda self: self.moe.k)
 
   @property
   def total_experts(self) -> int:
@@ -104,44 +112,26 @@ class LstmMoeConfig:
     return self.k if self.moe_type == "flat" else self.k_primary * self.k_secondary
 
 
-_MOE_KEYS = {"type": "moe_type", "hidden_dim": "hidden_dim", "num_experts": "num_experts", "k": "k",
-             "num_groups": "num_groups", "experts_per_group": "experts_per_group", "k_primary": "k_primary",
-             "k_secondary": "k_secondary", "importance_weight": "importance_weight",
-             "load_weight": "load_weight", "capacity_factor": "capacity_factor", "dispatch": "dispatch",
-             "group_size": "group_size"}
-# Values that may legitimately be None (None means "use the default" for every other key).
-_NONE_ALLOWED = ("capacity_factor", "group_size")
-
-
-def _as_dict(config) -> dict[str, Any]:
-  if config is None:
-    return {}
-  return {key: config[key] for key in config.keys()}
-
-
 def lstm_config(config) -> LstmMoeConfig:
   """Validates a model config (ConfigDict or dict) and resolves the defaults."""
-  values = _as_dict(config)
-  unknown = [key for key in values if key not in _MODEL_KEYS]
+  values = as_dict(config)
+  unknown = [key for key in values if key not in MODEL_KEYS]
   if unknown:
-    raise ValueError(f"config.model key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(_MODEL_KEYS)}")
+    raise ValueError(f"config.model key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(MODEL_KEYS)}")
   if values.get("name", "lstm_moe") not in ("lstm_moe", None):
     raise ValueError(f"config.model.name={values['name']!r}: build_lstm_lm builds name='lstm_moe'")
-  moe_values = _as_dict(values.get("moe"))
-  unknown = [key for key in moe_values if key not in _MOE_KEYS]
+  moe_values = as_dict(values.get("moe"))
+  unknown = [key for key in moe_values if key not in MOE_KEYS]
   if unknown:
-    raise ValueError(f"config.model.moe key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(_MOE_KEYS)}")
+    raise ValueError(f"config.model.moe key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(MOE_KEYS)}")
   fields = {key: values[key] for key in ("vocab_size", "dim", "dropout", "forget_bias")
             if values.get(key) is not None}
-  for key, field in _MOE_KEYS.items():
-    if key in moe_values and (moe_values[key] is not None or key in _NONE_ALLOWED):
-      fields[field] = moe_values[key]
-  resolved = LstmMoeConfig(**fields)
+  fields.update({field: moe_values[key] for key, field in MOE_EXTRAS.items() if moe_values.get(key) is not None})
+  moe_config = moe_lib.MoeConfig.from_dict({key: moe_values[key] for key in MOE_FIELDS if key in moe_values},
+                                           defaults=MOE_DEFAULTS, validate=False)
+  resolved = LstmMoeConfig(**fields, moe=moe_config)
   for key in ("vocab_size", "dim", "hidden_dim"):
-    value = getattr(resolved, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      prefix = "moe." if key == "hidden_dim" else ""
-      raise ValueError(f"config.model.{prefix}{key}={value!r} must be a positive integer")
+    positive_int(getattr(resolved, key), f"config.model.{'moe.' if key == 'hidden_dim' else ''}{key}")
   if not 0 <= resolved.dropout < 1:
     raise ValueError(f"config.model.dropout={resolved.dropout!r} must be in [0, 1)")
   if resolved.moe_type not in MOE_TYPES:
@@ -156,13 +146,16 @@ def lstm_config(config) -> LstmMoeConfig:
     if not 1 <= resolved.k_secondary <= resolved.experts_per_group:
       raise ValueError(f"config.model.moe.k_secondary={resolved.k_secondary!r} must be in "
                        f"[1, experts_per_group={resolved.experts_per_group}]")
-  if resolved.capacity_factor is not None and resolved.experts_per_token > 1:
+  capacity_factor = moe_config.capacity_factor
+  if capacity_factor is not None and resolved.experts_per_token > 1:
     # Token-choice capacity serves every first choice of the group before any second choice, so a later token's
     # first choice can push out an earlier token's second choice: the earlier output would depend on the future.
-    raise ValueError(f"config.model.moe.capacity_factor={resolved.capacity_factor!r} with "
+    raise ValueError(f"config.model.moe.capacity_factor={capacity_factor!r} with "
                      f"{resolved.experts_per_token} experts per token: in a language model a capacity would let "
                      "later tokens drop earlier tokens' second choices (not causal); use capacity_factor=None "
                      "(no token is dropped) or one expert per token")
+  if resolved.moe_type == "flat":  # the hierarchical layer checks its own settings
+    moe_config.validate("config.model.moe.")
   return resolved
 
 
@@ -236,14 +229,11 @@ class LstmBlock(nnx.Module):
 
 def build_moe_layer(config: LstmMoeConfig, *, rngs: nnx.Rngs):
   """The paper's MoE: ReLU experts D -> hidden_dim -> D, noisy top-k gating, flat or hierarchical."""
-  common = dict(capacity_factor=config.capacity_factor, dispatch=config.dispatch, group_size=config.group_size,
-                activation="relu", importance_weight=config.importance_weight, load_weight=config.load_weight,
-                rngs=rngs)
   if config.moe_type == "flat":
-    return moe_lib.MoeLayer(config.dim, config.hidden_dim, config.num_experts, config.k, router="noisy_top_k",
-                            causal=True, **common)
+    return moe_lib.MoeLayer(config.dim, config.hidden_dim, config.moe, rngs=rngs)
   return moe_lib.HierarchicalMoeLayer(config.dim, config.hidden_dim, config.num_groups, config.experts_per_group,
-                                      k_primary=config.k_primary, k_secondary=config.k_secondary, **common)
+                                      config.moe, k_primary=config.k_primary, k_secondary=config.k_secondary,
+                                      rngs=rngs)
 
 
 class MoeBlock(nnx.Module):
@@ -268,6 +258,21 @@ class LstmMoeLM(nnx.Module):
     self.blocks = nnx.List([LstmBlock(config, rngs=rngs), MoeBlock(config, rngs=rngs), LstmBlock(config, rngs=rngs)])
     self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
 
+  # -- what the optimizer and the analysis read --------------------------------------------------------------------
+  EMBEDDINGS = ("embed",)
+
+  @property
+  def backbone(self) -> LstmMoeLM:
+    return self
+
+  @property
+  def depth(self) -> int:
+    return len(self.blocks)
+
+  def layer_id(self, path: str) -> int:
+    """BEiT layer index of the parameter at '/'-joined `path`: 0 embedding, i+1 block i, 4 the softmax."""
+    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
+
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """tokens int32 [B, T] -> (logits float32 [B, T, V], aux). deterministic=False when training (dropout, router
@@ -276,31 +281,15 @@ class LstmMoeLM(nnx.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, time] integer ids")
     x = _apply_dropout(self.embed_dropout, self.embed(tokens), deterministic)   # [B, T, D]
-    losses, metrics = {}, {}
+    named_aux = []
     for index, block in enumerate(self.blocks):
       x, block_aux = block(x, deterministic=deterministic, mask=mask)
       if block_aux is not None:
-        metrics[f"block{index}"] = block_aux.metrics
-        for name, value in block_aux.losses.items():
-          losses[name] = losses.get(name, 0.0) + value
+        named_aux.append((f"block{index}", block_aux))
     logits = self.head(x)                                                        # [B, T, V]
-    return logits.astype(jnp.float32), {"losses": losses, "metrics": metrics}
+    return logits.astype(jnp.float32), moe_lib.sum_aux(named_aux)
 
 
 def build_lstm_lm(config, *, rngs: nnx.Rngs | None = None) -> LstmMoeLM:
   """Builds the LSTM-MoE language model from a model config (keys in the module docstring); validates it first."""
   return LstmMoeLM(lstm_config(config), rngs=rngs if rngs is not None else nnx.Rngs(0))
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (works on an `nnx.eval_shape` model too)."""
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def activated_params(model: LstmMoeLM) -> int:
-  """Parameters used per token: every expert counts only for the k (flat) or k_primary * k_secondary
-  (hierarchical) experts a token visits; embedding rows count in full (as the total, not per token)."""
-  config = model.config
-  experts = model.blocks[1].moe.experts
-  per_expert = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(nnx.state(experts, nnx.Param)))
-  return count_params(model) - (config.total_experts - config.experts_per_token) * per_expert

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from vimoe.models import vit as vit_lib
+from vimoe.models.config_utils import as_dict, check_keys, positive_int
 
 HEADS = ("linear", "linear4", "segmenter")
 HEAD_KEYS = ("kind", "freeze_backbone", "dim", "depth", "num_heads", "mlp_dim", "dropout")
@@ -48,17 +49,13 @@ class HeadConfig:
 
 
 def head_config(config, prefix: str = "model.head.") -> HeadConfig:
-  given = dict(config.to_dict() if hasattr(config, "to_dict") else (config or {}))
-  unknown = sorted(set(given) - set(HEAD_KEYS))
-  if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid: {', '.join(HEAD_KEYS)}")
+  given = as_dict(config)
+  check_keys(given, HEAD_KEYS, prefix)
   head = HeadConfig(**{k: v for k, v in given.items() if v is not None})
   if head.kind not in HEADS:
     raise ValueError(f"{prefix}kind={head.kind!r} is not known; valid: {', '.join(HEADS)}")
   for key in ("dim", "depth", "num_heads", "mlp_dim"):
-    value = getattr(head, key)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{prefix}{key}={value!r} must be a positive integer")
+    positive_int(getattr(head, key), prefix + key)
   if head.dim % head.num_heads:
     raise ValueError(f"{prefix}num_heads={head.num_heads} must divide {prefix}dim={head.dim}")
   if not 0 <= head.dropout < 1:
@@ -148,6 +145,15 @@ class Segmenter(nnx.Module):
       self.head = MaskTransformerHead(D, num_classes, dim=head.dim, depth=head.depth, num_heads=head.num_heads,
                                       mlp_dim=head.mlp_dim, rngs=rngs)
 
+  # `backbone` (the ViT) is an attribute. Layer ids for layer-wise lr decay: the backbone's, the head last.
+  @property
+  def depth(self) -> int:
+    return self.backbone.depth
+
+  def layer_id(self, path: str) -> int:
+    backbone, _, rest = path.partition("/")
+    return self.backbone.layer_id(rest) if backbone == "backbone" else self.depth + 1
+
   @property
   def feature_layers(self) -> tuple[int, ...]:
     depth = len(self.backbone.blocks)
@@ -189,7 +195,7 @@ class Segmenter(nnx.Module):
 
 def build_segmenter(config, *, rngs: nnx.Rngs | None = None) -> Segmenter:
   """config: the ViT keys of vimoe.models.vit (num_classes = the segmentation classes) plus `head`."""
-  given = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  given = as_dict(config)
   head = head_config(given.pop("head", None))
   num_classes = given.get("num_classes")
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:

@@ -44,7 +44,7 @@ Model config keys (`build_vit(config)`, config an ml_collections.ConfigDict or a
     group_size (None), route_per ("item": one decision per image, taken on the class token as in ViMoE; "token"
     for dense tasks), num_shared_experts (0), normalize_gates (False), balance_weight, importance_weight,
     z_loss_weight, load_weight (0.0), batch_priority (False), slots_per_expert (1, router "soft")
-    -- the arguments of `vimoe.moe.MoeLayer`; experts use the model's `mlp_activation`.
+    -- fields of `vimoe.moe.MoeConfig`; experts use the model's `mlp_activation`.
 
 Call: `logits, aux = model(images, deterministic=...)` with images float [B, H, W, 3] (normalised);
 aux = {"losses": {name: sum over MoE blocks}, "metrics": {"block{i}": MoeAux.metrics of block i}}.
@@ -54,8 +54,6 @@ aux = {"losses": {name: sum over MoE blocks}, "metrics": {"block{i}": MoeAux.met
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any, Sequence
 
 import jax
@@ -64,6 +62,11 @@ import numpy as np
 from flax import nnx
 
 from vimoe import moe
+from vimoe.models import params as params_lib
+from vimoe.models.config_utils import DTYPES, as_dict, check_keys, choose, parse_moe_layers, positive_int
+from vimoe.models.params import activated_params, assign_params, count_params, flat_params  # noqa: F401  (API)
+from vimoe.models.posemb import bicubic_resize_matrix, resize_class_and_grid, resize_position_grid  # noqa: F401
+from vimoe.models.posemb import resample_pos_embed
 
 # name -> sizes (and architecture defaults) of the known variants.
 _DINOV2 = dict(layerscale_init=1e-5)
@@ -86,27 +89,14 @@ SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim", "patch_size")
 MLP_ACTIVATIONS = ("gelu_exact", "gelu", "relu", "swiglu")
 CLASSIFIERS = ("cls", "cls+mean")
 POSEMB_INTERPOLATIONS = ("bicubic", "bicubic_antialias")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
-class MoeConfig:
-  """Arguments of every `moe.MoeLayer` in the model (see vimoe/moe/layer.py)."""
-  num_experts: int = 8
-  k: int = 1
-  router: str = "top_k"
-  capacity_factor: float | None = 1.25
-  dispatch: str = "einsum"
-  group_size: int | None = None
-  route_per: str = "item"
-  num_shared_experts: int = 0
-  normalize_gates: bool = False
-  balance_weight: float = 0.0
-  importance_weight: float = 0.0
-  z_loss_weight: float = 0.0
-  load_weight: float = 0.0
-  batch_priority: bool = False
-  slots_per_expert: int = 1
+MoeConfig = moe.MoeConfig
+# The MoE settings a ViT config may give (`model.moe.*`, besides `layers`) and their ViT defaults.
+MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "group_size", "route_per",
+              "num_shared_experts", "normalize_gates", "balance_weight", "importance_weight", "z_loss_weight",
+              "load_weight", "batch_priority", "slots_per_expert")
+MOE_DEFAULTS = MoeConfig(route_per="item", activation="gelu_exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +120,7 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
   moe_layers: tuple[int, ...] = ()
-  moe: MoeConfig = MoeConfig()
+  moe: MoeConfig = MOE_DEFAULTS  # its activation is mlp_activation
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -142,74 +132,11 @@ class ViTConfig:
 # Config parsing and validation: every error names the key, the value and what is valid.
 # ---------------------------------------------------------------------------------------------------------------
 
-def parse_moe_layers(spec, depth: int, key: str = "model.moe.layers") -> tuple[int, ...]:
-  """Which blocks (0-based) are MoE blocks.
-
-  "none" / None / ""  -> ()
-  "last:L"            -> the last L blocks (ViMoE counts l=1 as the last block), L in [0, depth]
-  "every:n"           -> every n-th block counted back from the last: depth-1, depth-1-n, ... (V-MoE's "every
-                         other layer" is every:2 = blocks 1, 3, ..., depth-1), n in [1, depth]
-  [i, j, ...] / "i,j" -> explicit 0-based indices in [0, depth-1], no repeats
-  """
-  valid = f"valid: 'none', 'last:L' (0 <= L <= {depth}), 'every:n' (1 <= n <= {depth}), or a list of block " \
-          f"indices in [0, {depth - 1}]"
-  if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
-    return ()
-  if isinstance(spec, str):
-    text = spec.strip()
-    match = re.fullmatch(r"(last|every):\s*(-?\d+)", text)
-    if match:
-      kind, number = match.group(1), int(match.group(2))
-      if kind == "last":
-        if not 0 <= number <= depth:
-          raise ValueError(f"{key}={spec!r}: L={number} is out of range for depth {depth}; {valid}")
-        return tuple(range(depth - number, depth))
-      if not 1 <= number <= depth:
-        raise ValueError(f"{key}={spec!r}: n={number} is out of range for depth {depth}; {valid}")
-      return tuple(sorted(range(depth - 1, -1, -number)))
-    if not re.fullmatch(r"-?\d+(\s*,\s*-?\d+)*", text):
-      raise ValueError(f"{key}={spec!r} is not understood; {valid}")
-    indices = [int(part) for part in text.split(",")]
-  elif isinstance(spec, (list, tuple)):
-    indices = list(spec)
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices):
-      raise ValueError(f"{key}={spec!r}: block indices must be integers; {valid}")
-  else:
-    raise ValueError(f"{key}={spec!r} has type {type(spec).__name__}; {valid}")
-  for index in indices:
-    if not 0 <= index < depth:
-      raise ValueError(f"{key}={spec!r}: block index {index} is out of range for depth {depth}; {valid}")
-  if len(set(indices)) != len(indices):
-    raise ValueError(f"{key}={spec!r} names a block twice; {valid}")
-  return tuple(sorted(int(i) for i in indices))
-
-
 MODEL_KEYS = ("name", "variant", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_dim", "num_classes",
               "num_registers", "layerscale_init", "mlp_activation", "classifier", "head_zero_init",
               "drop_path_rate", "posemb_interpolation", "posemb_interpolation_offset", "layer_norm_eps", "dtype",
               "moe")
-MOE_KEYS = ("layers",) + tuple(field.name for field in dataclasses.fields(MoeConfig))
-
-
-def _as_dict(config) -> dict:
-  if config is None:
-    return {}
-  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-    return config.to_dict()
-  return dict(config)
-
-
-def _check_keys(given: dict, valid: Sequence[str], prefix: str) -> None:
-  unknown = sorted(set(given) - set(valid))
-  if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                     f"valid keys: {', '.join(valid)}")
-
-
-def _positive_int(value, key: str) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f"{key}={value!r} must be a positive integer")
-  return int(value)
+MOE_KEYS = ("layers",) + MOE_FIELDS
 
 
 def vit_config(config, prefix: str = "model.") -> ViTConfig:
@@ -217,10 +144,10 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
 
   Raises ValueError naming the key (with `prefix`), its value and what is valid; nothing is built or compiled.
   """
-  given = {k: v for k, v in _as_dict(config).items()}
-  _check_keys(given, MODEL_KEYS, prefix)
-  moe_given = _as_dict(given.pop("moe", None))
-  _check_keys(moe_given, MOE_KEYS, prefix + "moe.")
+  given = as_dict(config)
+  check_keys(given, MODEL_KEYS, prefix)
+  moe_given = as_dict(given.pop("moe", None))
+  check_keys(moe_given, MOE_KEYS, prefix + "moe.")
   given.pop("name", None)
   variant = given.pop("variant", None)
   resolved: dict[str, Any] = {}
@@ -241,7 +168,7 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
     raise ValueError(f"{', '.join(prefix + k for k in missing)} missing: give {prefix}variant (one of "
                      f"{', '.join(VARIANTS)}) or explicit sizes")
   for key in SIZE_KEYS:
-    _positive_int(resolved[key], prefix + key)
+    positive_int(resolved[key], prefix + key)
   if resolved["dim"] % resolved["num_heads"]:
     raise ValueError(f"{prefix}num_heads={resolved['num_heads']} must divide {prefix}dim={resolved['dim']}")
   image_size = resolved.get("image_size", 224)
@@ -259,9 +186,8 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
     raise ValueError(f"{prefix}num_registers={num_registers!r} must be an integer >= 0")
   for key, valid in (("mlp_activation", MLP_ACTIVATIONS), ("classifier", CLASSIFIERS),
                      ("posemb_interpolation", POSEMB_INTERPOLATIONS), ("dtype", tuple(DTYPES))):
-    if key in resolved and resolved[key] not in valid:
-      raise ValueError(f"{prefix}{key}={resolved[key]!r} is not valid; choose one of: "
-                       f"{', '.join(map(repr, valid))}")
+    if key in resolved:
+      choose(prefix + key, resolved[key], valid)
   if not 0.0 <= resolved.get("drop_path_rate", 0.0) < 1.0:
     raise ValueError(f"{prefix}drop_path_rate={resolved['drop_path_rate']!r} must be in [0, 1)")
   if not 0.0 <= resolved.get("posemb_interpolation_offset", 0.0) < 1.0:
@@ -270,80 +196,10 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
 
   depth = resolved["depth"]
   moe_layers = parse_moe_layers(moe_given.pop("layers", "none"), depth, key=prefix + "moe.layers")
-  moe_config = MoeConfig(**{k: v for k, v in moe_given.items() if v is not None or k in ("capacity_factor",
-                                                                                        "group_size")})
-  if moe_layers:
-    _validate_moe(moe_config, resolved.get("mlp_activation", "gelu_exact"), prefix + "moe.")
+  moe_config = MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
+                                   validate=bool(moe_layers),
+                                   activation=resolved.get("mlp_activation", MOE_DEFAULTS.activation))
   return ViTConfig(moe_layers=moe_layers, moe=moe_config, **resolved)
-
-
-def _validate_moe(config: MoeConfig, activation: str, prefix: str) -> None:
-  E, k = config.num_experts, config.k
-  if not isinstance(E, (int, np.integer)) or E < 1:
-    raise ValueError(f"{prefix}num_experts={E!r} must be a positive integer")
-  if config.router != "soft" and (not isinstance(k, (int, np.integer)) or not 1 <= k <= E):
-    raise ValueError(f"{prefix}k={k!r} must be an integer in [1, {prefix}num_experts={E}]")
-  try:
-    moe.validate_moe_args(
-        num_experts=E, k=k, router=config.router, capacity_factor=config.capacity_factor,
-        dispatch=config.dispatch, route_per=config.route_per, num_shared_experts=config.num_shared_experts,
-        activation=activation, batch_priority=config.batch_priority, causal=False, group_size=config.group_size,
-        load_weight=config.load_weight, importance_weight=config.importance_weight,
-        balance_weight=config.balance_weight, z_loss_weight=config.z_loss_weight)
-  except ValueError as error:  # the MoeLayer's messages start with the argument name, which is the config key
-    raise ValueError(f"{prefix}{error}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Position-embedding interpolation, as torch.nn.functional.interpolate(mode="bicubic", align_corners=False).
-# ---------------------------------------------------------------------------------------------------------------
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-  """Keys' cubic convolution kernel with parameter a (torch: a=-0.75 plain, a=-0.5 antialiased)."""
-  x = np.abs(x)
-  near = ((a + 2) * x - (a + 3)) * x * x + 1
-  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False, offset: float = 0.0
-                          ) -> np.ndarray:
-  """[out_size, in_size] matrix R with resized = R @ signal, matching torch bicubic, align_corners=False.
-
-  `offset` > 0 reproduces torch called with scale_factor=(out_size + offset) / in_size instead of a size, as the
-  original DINOv2 code does; the output size is the same, the sampling positions move slightly.
-  """
-  inverse_scale = in_size / (out_size + offset)  # input pixels per output pixel
-  matrix = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    if not antialias:
-      # Sample at source coordinate s (pixel centres), 4 taps, indices clamped at the border.
-      source = inverse_scale * (i + 0.5) - 0.5
-      first = math.floor(source)
-      taps = np.arange(first - 1, first + 3)
-      weights = _cubic(taps - source, -0.75)
-      np.add.at(matrix[i], np.clip(taps, 0, in_size - 1), weights)
-    else:
-      # PIL-style: the kernel is stretched by the downscale factor and renormalised inside the image.
-      support = 2.0 * max(inverse_scale, 1.0)
-      stretch = 1.0 / max(inverse_scale, 1.0)
-      centre = inverse_scale * (i + 0.5)
-      low = max(int(centre - support + 0.5), 0)
-      high = min(int(centre + support + 0.5), in_size)
-      taps = np.arange(low, high)
-      weights = _cubic((taps - centre + 0.5) * stretch, -0.5)
-      matrix[i, taps] = weights / weights.sum()
-  return matrix
-
-
-def resize_position_grid(grid: jax.Array, new_hw: tuple[int, int], *, antialias: bool = False,
-                         offset: float = 0.0) -> jax.Array:
-  """grid [h, w, D] -> [h', w', D] by separable bicubic interpolation (computed in float32)."""
-  h, w, _ = grid.shape
-  rows = jnp.asarray(bicubic_resize_matrix(h, new_hw[0], antialias=antialias, offset=offset), jnp.float32)
-  cols = jnp.asarray(bicubic_resize_matrix(w, new_hw[1], antialias=antialias, offset=offset), jnp.float32)
-  return jnp.einsum("ih,jw,hwD->ijD", rows, cols, grid.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)  # [h', w', D]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,14 +271,7 @@ class Block(nnx.Module):
     self.ls1 = LayerScale(D, config.layerscale_init) if config.layerscale_init is not None else None
     self.norm2 = layer_norm()
     if is_moe:
-      m = config.moe
-      self.mlp = moe.MoeLayer(
-          D, config.mlp_dim, m.num_experts, m.k, router=m.router, capacity_factor=m.capacity_factor,
-          dispatch=m.dispatch, group_size=m.group_size, route_per=m.route_per,
-          num_shared_experts=m.num_shared_experts, normalize_gates=m.normalize_gates,
-          activation=config.mlp_activation, batch_priority=m.batch_priority, slots_per_expert=m.slots_per_expert,
-          importance_weight=m.importance_weight, load_weight=m.load_weight, balance_weight=m.balance_weight,
-          z_loss_weight=m.z_loss_weight, expert_kernel_init=_linear_init, rngs=rngs)
+      self.mlp = moe.MoeLayer(D, config.mlp_dim, config.moe, expert_kernel_init=_linear_init, rngs=rngs)
     else:
       self.mlp = Mlp(D, config.mlp_dim, config.mlp_activation, dtype=dtype, rngs=rngs)
     self.ls2 = LayerScale(D, config.layerscale_init) if config.layerscale_init is not None else None
@@ -484,11 +333,33 @@ class ViT(nnx.Module):
     pos = self.pos_embed[...]
     if tuple(grid_hw) == self.config.grid:
       return pos
-    h0, w0 = self.config.grid
-    grid = pos[0, 1:].reshape(h0, w0, -1)  # [h0, w0, D]
-    grid = resize_position_grid(grid, grid_hw, antialias=self.config.posemb_interpolation == "bicubic_antialias",
-                                offset=self.config.posemb_interpolation_offset)  # [h, w, D]
-    return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)
+    return resize_class_and_grid(pos, self.config.grid, grid_hw, **self._interpolation)
+
+  @property
+  def _interpolation(self) -> dict:
+    return dict(antialias=self.config.posemb_interpolation == "bicubic_antialias",
+                offset=self.config.posemb_interpolation_offset)
+
+  def resample_pos_embed(self, pos: jax.Array) -> jax.Array:
+    """A stored square-grid pos_embed [1, 1 + n*n, D] (DINOv2) resampled to this model's grid, as the forward
+    pass would at that resolution (`assign_params` uses it)."""
+    return resample_pos_embed(pos, self.config.grid, **self._interpolation)
+
+  # -- what the optimizer and the analysis read --------------------------------------------------------------------
+  EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "register_tokens")
+
+  @property
+  def backbone(self) -> ViT:
+    """The ViT that computes the features: the model itself (a segmentation model returns its ViT)."""
+    return self
+
+  @property
+  def depth(self) -> int:
+    return len(self.blocks)
+
+  def layer_id(self, path: str) -> int:
+    """BEiT layer index of the parameter at '/'-joined `path`: 0 embeddings, i+1 block i, depth+1 the rest."""
+    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
 
   def encode(self, images: jax.Array, *, deterministic: bool = True, return_layers: Sequence[int] = (),
              return_routing: bool = False, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -518,7 +389,7 @@ class ViT(nnx.Module):
     wanted = [index % depth if -depth <= index < depth else index for index in return_layers]
     if any(not 0 <= index < depth for index in wanted):
       raise ValueError(f"return_layers={tuple(return_layers)} must be block indices in [-{depth}, {depth - 1}]")
-    losses, metrics, routing_choice, outputs = {}, {}, {}, {}
+    named_aux, routing_choice, outputs = [], {}, {}
     token_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool)[:, None], x.shape[:2])
     for index, block in enumerate(self.blocks):
       if return_routing:
@@ -528,12 +399,10 @@ class ViT(nnx.Module):
       else:
         x, block_aux = block(x, deterministic=deterministic, mask=token_mask)
       if block_aux is not None:
-        metrics[f"block{index}"] = block_aux.metrics
-        for name, value in block_aux.losses.items():
-          losses[name] = losses.get(name, 0.0) + value
+        named_aux.append((f"block{index}", block_aux))
       if index in wanted:
         outputs[index] = x
-    aux = {"losses": losses, "metrics": metrics}
+    aux = moe.sum_aux(named_aux)
     if wanted:
       aux["layers"] = [self.norm(outputs[index]) for index in wanted]
     if return_routing:
@@ -563,93 +432,5 @@ def build_vit(config, *, rngs: nnx.Rngs | None = None) -> ViT:
   return ViT(vit_config(config), rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Parameter counts
-# ---------------------------------------------------------------------------------------------------------------
-
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (every nnx.Param)."""
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def moe_blocks(model: ViT) -> tuple[int, ...]:
   return tuple(i for i, block in enumerate(model.blocks) if block.is_moe)
-
-
-def activated_params(model: ViT) -> int:
-  """Parameters used per token (per image with route_per="item"): each MoE block counts k of its N routed experts;
-  routers, shared experts and everything else count fully. Soft MoE mixes every expert into every token, so all
-  its experts count."""
-  total = count_params(model)
-  for index in moe_blocks(model):
-    layer = model.blocks[index].mlp
-    if layer.router_kind == "soft":
-      continue
-    per_expert = sum(int(np.prod(leaf.shape[1:])) for leaf in jax.tree.leaves(nnx.state(layer.experts, nnx.Param)))
-    total -= (layer.num_experts - layer.k) * per_expert
-  return total
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parameters by name ("blocks.3.attn.qkv.kernel"): used by checkpoint import and upcycling
-# ---------------------------------------------------------------------------------------------------------------
-
-def _path_name(path) -> str:
-  return ".".join(str(part) for part in path)
-
-
-def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-  """{dotted parameter name: array} for every nnx.Param of `model`."""
-  return {_path_name(path): variable.get_value()
-          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def assign_params(model: ViT, params: dict, *, keep: Sequence[str] = ()) -> ViT:
-  """Overwrites `model`'s parameters by name, in place; returns the model.
-
-  `params` must name exactly the model's parameters, except names starting with one of `keep` (left as they are,
-  e.g. a fresh classification head or MoE router). A `pos_embed` for another patch grid is resampled to this model's
-  grid with the model's own interpolation, so the result is what the forward pass would compute at that resolution.
-  Raises ValueError naming missing, unexpected and mis-shaped parameters.
-  """
-  state = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(state))
-  by_name = {_path_name(path): path for path in flat}
-  kept = lambda name: any(name == prefix or name.startswith(prefix + ".") for prefix in keep)
-  missing = sorted(name for name in by_name if name not in params and not kept(name))
-  unexpected = sorted(name for name in params if name not in by_name)
-  if missing or unexpected:
-    raise ValueError(f"parameter names do not match the model: missing {missing or 'none'}; "
-                     f"unexpected {unexpected or 'none'}")
-  updates, mismatched = {}, []
-  for name, value in sorted(params.items()):
-    if kept(name):
-      continue
-    path = by_name[name]
-    target_shape = tuple(flat[path].shape)
-    value = jnp.asarray(value)
-    if name == "pos_embed" and value.ndim == 3 and value.shape[::2] == target_shape[::2] \
-        and value.shape[1] != target_shape[1]:  # another patch grid, same width
-      value = _resample_pos_embed(model.config, value, target_shape)
-    if tuple(value.shape) != target_shape:
-      mismatched.append(f"{name} has shape {tuple(value.shape)}, the model expects {target_shape}")
-    updates[path] = value.astype(flat[path].dtype)
-  if mismatched:
-    raise ValueError(f"{len(mismatched)} parameter shape(s) do not match the model: " + "; ".join(mismatched))
-  for path, value in updates.items():
-    flat[path] = flat[path].replace(value=value)
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
-
-
-def _resample_pos_embed(config: ViTConfig, pos: jax.Array, target_shape: tuple[int, ...]) -> jax.Array:
-  """[1, 1 + n*n, D] (a square grid, as DINOv2 stores it) -> [1, 1 + h*w, D] for this model's grid."""
-  num_patches = pos.shape[1] - 1
-  side = math.isqrt(num_patches)
-  if pos.ndim != 3 or side * side != num_patches or pos.shape[2] != target_shape[2]:
-    raise ValueError(f"parameter pos_embed has shape {tuple(pos.shape)}: expected [1, 1 + n*n, {target_shape[2]}] "
-                     f"to resample to {target_shape}")
-  grid = resize_position_grid(pos[0, 1:].reshape(side, side, -1), config.grid,
-                              antialias=config.posemb_interpolation == "bicubic_antialias",
-                              offset=config.posemb_interpolation_offset)
-  return jnp.concatenate([pos[:, :1], grid.reshape(1, -1, grid.shape[-1]).astype(pos.dtype)], axis=1)

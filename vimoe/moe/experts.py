@@ -60,22 +60,26 @@ class Experts(nnx.Module):
   Parameters: `w_in` [E, D, H], `b_in` [E, H], `w_out` [E, H, D], `b_out` [E, D]; plus `w_gate` [E, D, H] for
   "swiglu" and `slope` [E, H] for "prelu". `kernel_init` (a `jax.nn.initializers` function, called with the
   stacked [E, fan_in, fan_out] shape) initialises w_in, w_out and w_gate; biases start at zero.
+  `expert_axis` (a mesh axis name, e.g. 'expert'): every weight is created sharded on it along E (`out_sharding`
+  metadata; needs the mesh set with `jax.set_mesh`).
   """
 
   def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
-               rngs: nnx.Rngs, param_dtype=jnp.float32, kernel_init=None):
+               rngs: nnx.Rngs, param_dtype=jnp.float32, kernel_init=None, expert_axis: str | None = None):
     check_activation(activation)
     self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
     E, D, H = num_experts, dim, hidden_dim
     init = default_kernel_init if kernel_init is None else kernel_init
-    self.w_in = nnx.Param(init(rngs.params(), (E, D, H), param_dtype))
-    self.b_in = nnx.Param(jnp.zeros((E, H), param_dtype))
-    self.w_out = nnx.Param(init(rngs.params(), (E, H, D), param_dtype))
-    self.b_out = nnx.Param(jnp.zeros((E, D), param_dtype))
+    metadata = {} if expert_axis is None else {"out_sharding": (expert_axis,)}
+    param = lambda value: nnx.Param(value, **metadata)
+    self.w_in = param(init(rngs.params(), (E, D, H), param_dtype))
+    self.b_in = param(jnp.zeros((E, H), param_dtype))
+    self.w_out = param(init(rngs.params(), (E, H, D), param_dtype))
+    self.b_out = param(jnp.zeros((E, D), param_dtype))
     if activation == "swiglu":
-      self.w_gate = nnx.Param(init(rngs.params(), (E, D, H), param_dtype))
+      self.w_gate = param(init(rngs.params(), (E, D, H), param_dtype))
     if activation == "prelu":
-      self.slope = nnx.Param(jnp.full((E, H), 0.25, param_dtype))  # He et al. 2015 initial slope
+      self.slope = param(jnp.full((E, H), 0.25, param_dtype))  # He et al. 2015 initial slope
 
   def params_dict(self) -> dict:
     names = ["w_in", "b_in", "w_out", "b_out"]

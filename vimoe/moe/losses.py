@@ -61,3 +61,35 @@ def load_metrics(expert_counts: jax.Array) -> dict:
       "load_cv": coefficient_of_variation(expert_counts),
       "max_mean_load": jnp.max(expert_counts) / jnp.maximum(jnp.mean(expert_counts), 1e-10),
   }
+
+
+def token_choice_metrics(probs, logits, expert_index, gates, kept, num_experts, valid=None):
+  """Routing statistics of a token-choice assignment (top-k, noisy top-k, prototype, hash, UMoE attention).
+
+  probs, logits [.., E] (or None: no balance or z-loss entry); expert_index, gates, kept [.., K]; the leading
+  axes are flattened to N tokens. `valid` (optional, the shape of `gates` without K) marks the real tokens:
+  padding counts in no metric."""
+  E = num_experts
+  K = expert_index.shape[-1]
+  one_hot = jax.nn.one_hot(expert_index.reshape(-1, K), E, dtype=jnp.float32)  # [N,K,E]
+  dense_gates = jnp.einsum("NKE,NK->NE", one_hot, gates.reshape(-1, K).astype(jnp.float32))
+  flat_valid = None if valid is None else valid.reshape(-1)
+  if flat_valid is None:
+    dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+  else:
+    weight = flat_valid.astype(jnp.float32)
+    one_hot, dense_gates = one_hot * weight[:, None, None], dense_gates * weight[:, None]
+    kept_real = jnp.sum(kept.reshape(-1, K).astype(jnp.float32) * weight[:, None])
+    dropped = 1.0 - kept_real / jnp.maximum(K * jnp.sum(weight), 1.0)
+  metrics = {
+      "dropped_fraction": dropped,
+      "importance_cv": coefficient_of_variation(jnp.sum(dense_gates, 0)),
+      "importance_loss": importance_loss(dense_gates),
+      **load_metrics(jnp.sum(one_hot, axis=(0, 1))),
+  }
+  if probs is not None:
+    metrics["balance_loss"] = switch_balance_loss(probs.reshape(-1, E),
+                                                             expert_index.reshape(-1, K)[:, 0], flat_valid)
+  if logits is not None:
+    metrics["router_z_loss"] = router_z_loss(logits.reshape(-1, E), flat_valid)
+  return metrics

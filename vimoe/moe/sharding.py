@@ -1,14 +1,17 @@
 """Expert parallelism inside the MoE layer, driven by the ambient mesh (`with jax.set_mesh(mesh):`).
 
 The MoE math reads the mesh through `jax.sharding` only, so `vimoe.moe` never imports `vimoe.parallel`
-(which builds meshes and partition rules on top of this). Conventions (DESIGN.md section 5):
+(which builds meshes and partition rules on top of this). `run_experts` is the one entry point from the layer:
+it runs the experts on one device, or expert-parallel under a mesh. Conventions (docs/design.md, 'Sharding
+recipe'):
 
 * mesh axes `('data', 'expert')`, optionally `'model'` (ignored here: replicated);
 * routing groups `[G, S, M]` are sharded over `('data', 'expert')`: every device routes its own groups;
 * expert buffers `[E, G, C, M]` are sharded `P('expert', 'data')`: the move between the two layouts is an
   all-to-all over `'expert'` (inserted by the partitioner for the einsum dispatch, written out with
   `jax.lax.all_to_all` inside `jax.shard_map` for the gather dispatch);
-* expert weights `[E, ...]` are sharded `P('expert')`.
+* expert weights `[E, ...]` are sharded `P('expert')`, from birth when created under the mesh
+  (`expert_axis_for`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vimoe.moe import dispatch as dispatch_lib
 from vimoe.moe.dispatch import combine_from_buffers, fill_expert_buffers
-from vimoe.moe.experts import stacked_expert_mlp
+from vimoe.moe.experts import Experts, expert_mlp, stacked_expert_mlp
 from vimoe.moe.routing import Assignment
 
 DATA_AXIS = "data"
@@ -31,6 +35,15 @@ def current_expert_mesh():
   if mesh.empty or EXPERT_AXIS not in mesh.axis_names:
     return None
   return mesh
+
+
+def expert_axis_for(num_experts: int) -> str | None:
+  """The axis to create stacked expert weights [E, ...] on now: 'expert' when the ambient mesh has an 'expert'
+  axis that divides E, else None (replicated; the layer's call-time check explains a mismatch)."""
+  mesh = current_expert_mesh()
+  if mesh is None or num_experts % mesh.shape[EXPERT_AXIS]:
+    return None
+  return EXPERT_AXIS
 
 
 def token_axes(mesh) -> tuple[str, ...]:
@@ -91,3 +104,47 @@ def sharded_gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, c
   a = assignment
   return jax.shard_map(local, mesh=mesh, in_specs=(groups, groups, groups, groups, groups, experts_spec),
                        out_specs=groups)(x, a.expert_index, a.slot, a.weight, a.kept, params)
+
+
+def run_experts(experts: Experts, units: jax.Array, assignment: Assignment, *, dispatch: str,
+                capacity: int | None, tokens_per_unit: int, block_size: int | None):
+  """Send units [G,S,U*D] (U tokens per routed unit) to `experts` as `assignment` says -> [G,S,U*D].
+
+  Under a mesh with an 'expert' axis (`with jax.set_mesh(mesh):`), groups are split over ('data', 'expert') and
+  expert buffers over 'expert'; without one, everything runs on one device.
+  """
+  G, S, payload = units.shape
+  E = experts.num_experts
+  D = payload // tokens_per_unit
+  mesh = current_expert_mesh()
+
+  def expert_fn(t):  # [E, N, U*D] -> [E, N, U*D], the MLP applied per token
+    return experts(t.reshape(E, -1, D)).reshape(t.shape)
+
+  if capacity is None and dispatch == "gather":
+    # Dropless: expand item decisions to their tokens, balanced batched share + overflow blocks. Under a mesh the
+    # partitioner runs it with the expert weights gathered (no expert parallelism for this path).
+    index = jnp.repeat(assignment.expert_index.reshape(G * S, -1), tokens_per_unit, axis=0)
+    gates = jnp.repeat(assignment.weight.reshape(G * S, -1), tokens_per_unit, axis=0)
+    out = dispatch_lib.dropless_moe(units.reshape(-1, D), index, gates, E, experts.params_dict(),
+                                    lambda p, xb: expert_mlp(p, xb, experts.activation), block_size)
+    return out.reshape(G, S, payload)
+  slots = S if capacity is None else capacity
+  if mesh is not None:
+    check_divisible(mesh, G, E)
+    units = constrain_groups(units, mesh)
+  if dispatch == "einsum":
+    dispatch_tensor, combine = dispatch_lib.einsum_dispatch_tensors(assignment, E, slots)
+    if mesh is None:
+      out = dispatch_lib.einsum_moe(units, dispatch_tensor, combine, expert_fn)
+    else:
+      groups = lambda t: constrain_groups(t, mesh)
+      dispatch_tensor, combine = groups(dispatch_tensor), groups(combine)
+      out = dispatch_lib.einsum_moe(units, dispatch_tensor, combine, expert_fn, groups,
+                                    lambda t: constrain_expert_buffers(t, mesh))
+  elif mesh is not None:
+    out = sharded_gather_moe(units, assignment, E, slots, experts.params_dict(), experts.activation,
+                             tokens_per_unit, mesh)
+  else:
+    out = dispatch_lib.gather_moe(units, assignment, E, slots, expert_fn)
+  return out if mesh is None else constrain_groups(out, mesh)

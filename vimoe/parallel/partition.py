@@ -71,18 +71,12 @@ def shard_module(module: nnx.Module, mesh, rules: Rules = DEFAULT_RULES) -> nnx.
 
 
 def create_sharded(make_module: Callable[[], nnx.Module], mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
-  """Builds the module inside jit with its variables born sharded (no full copy on one device first)."""
-  abstract = nnx.eval_shape(make_module)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = named_shardings(abstract_state, mesh, rules)
-
-  @jax.jit
-  def init():
-    return nnx.state(make_module())
-
+  """Builds the module inside jit with its variables born sharded (no full copy on one device first). Built under
+the mesh, so that variables carrying their own sharding metadata (MoE experts) have it in both passes."""
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make_module))
+    init = jax.jit(lambda: nnx.state(make_module()), out_shardings=named_shardings(abstract_state, mesh, rules))
+    return nnx.merge(graphdef, init())
 
 
 def abstract_with_shardings(tree, mesh, rules: Rules = DEFAULT_RULES):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import jax
 import optax
@@ -19,7 +20,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def layer_id(path: str, depth: int) -> int:
-  """BEiT-style layer index: 0 for embeddings, i+1 for block i, depth+1 for the final norm and head."""
+  """BEiT-style layer index guessed from a parameter path: 0 for embeddings, i+1 for block i, depth+1 for the final
+  norm and head. For a bare pytree; a model states its own (`model.layer_id`, vimoe/models)."""
   match = re.search(r"(^|/)blocks/(\d+)(/|$)", path)
   if match:
     return int(match.group(2)) + 1
@@ -28,13 +30,15 @@ def layer_id(path: str, depth: int) -> int:
   return depth + 1
 
 
-def layerwise_lr_scales(tree, decay: float, depth: int):
-  """Multiplier decay ** (depth + 1 - layer_id) per parameter (1 everywhere when decay == 1)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: decay ** (depth + 1 - layer_id(path_string(path), depth)), tree)
+def layerwise_lr_scales(tree, decay: float, depth: int, layer_of: Callable[[str], int] | None = None):
+  """Multiplier decay ** (depth + 1 - layer id) per parameter (1 everywhere when decay == 1). `layer_of(path)`:
+  the model's `layer_id` (default: `layer_id(path, depth)`)."""
+  layer_of = layer_of or (lambda path: layer_id(path, depth))
+  return jax.tree_util.tree_map_with_path(lambda path, _: decay ** (depth + 1 - layer_of(path_string(path))), tree)
 
 
-def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
+def scale_by_layer(decay: float, depth: int, layer_of: Callable[[str], int] | None = None
+                   ) -> optax.GradientTransformation:
   """Layer-wise learning-rate decay (BEiT, Bao et al. 2022): updates of block i scaled by decay**(depth - i).
 
   The factors are computed from the parameter paths of the updates, so they are constants under jit.
@@ -45,7 +49,7 @@ def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, s: u * s, updates, layerwise_lr_scales(updates, decay, depth)), state
+    return jax.tree.map(lambda u, s: u * s, updates, layerwise_lr_scales(updates, decay, depth, layer_of)), state
 
   return optax.GradientTransformation(init, update)
 
@@ -55,9 +59,12 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def create_optimizer(config, depth: int) -> optax.GradientTransformation:
+def create_optimizer(config, depth: int | None = None, *, model=None) -> optax.GradientTransformation:
   """config: the `optim` block (lr, min_lr_ratio, warmup_steps, total_steps, weight_decay, b1, b2,
-  grad_clip_norm, layer_decay)."""
+  grad_clip_norm, layer_decay). Layer ids come from `model` (its `depth` and `layer_id(path)`), or, given only
+  `depth`, are guessed from parameter names (`layer_id`)."""
+  if (model is None) == (depth is None):
+    raise ValueError("create_optimizer needs exactly one of depth= or model=")
   schedule = learning_rate_schedule(config)
   parts = []
   if config.grad_clip_norm:
@@ -65,5 +72,6 @@ def create_optimizer(config, depth: int) -> optax.GradientTransformation:
   parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
                            mask=weight_decay_mask))
   if config.layer_decay != 1.0:
-    parts.append(scale_by_layer(config.layer_decay, depth))
+    parts.append(scale_by_layer(config.layer_decay, model.depth if model is not None else depth,
+                                model.layer_id if model is not None else None))
   return optax.chain(*parts)
