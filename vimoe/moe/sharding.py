@@ -2,8 +2,8 @@
 
 The MoE math reads the mesh through `jax.sharding` only, so `vimoe.moe` never imports `vimoe.parallel`
 (which builds meshes and partition rules on top of this). `run_experts` is the one entry point from the layer:
-it runs the experts on one device, or expert-parallel under a mesh. Conventions (docs/design.md, 'Sharding
-recipe'):
+it runs the experts on one device, or expert-parallel under a mesh. Conventions (docs/design.md,
+'Sharding'):
 
 * mesh axes `('data', 'expert')`, optionally `'model'` (ignored here: replicated);
 * routing groups `[G, S, M]` are sharded over `('data', 'expert')`: every device routes its own groups;
