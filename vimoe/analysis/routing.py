@@ -370,7 +370,7 @@ def routing_log(model, batches, *, segmentation: bool, num_classes: int, crop: i
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  vit = model.backbone if segmentation else model
+  vit = model.backbone
   moe_config = vit.config.moe
   if not vit.config.moe_layers:
     raise ValueError("model.moe.layers gives the model no MoE block: there is no routing to analyse")

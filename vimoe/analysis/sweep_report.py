@@ -19,6 +19,8 @@ import pathlib
 
 import numpy as np
 
+from vimoe.models.params import flatten_dict
+
 # The headline evaluation metric of each task: the value a sweep is judged by.
 FINAL_METRICS = {"classification": "eval/top1", "segmentation": "eval/miou", "language_model": "eval/ppl"}
 
@@ -67,23 +69,17 @@ def final_metric_key(task: str) -> str:
   return FINAL_METRICS[task]
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict) -> dict:
   """Nested dicts -> {dotted key: value}; lists become tuples so values can be compared and grouped."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = tuple(value) if isinstance(value, list) else value
-  return flat
+  return {key: tuple(value) if isinstance(value, list) else value for key, value in flatten_dict(tree).items()}
 
 
 def model_sizes(model) -> dict:
-  """Total and activated parameters, MoE blocks, routing degree of a ViT (or a model with a ViT .backbone, whose
-  experts count as the ViT's, plus its head); an abstract model (nnx.eval_shape) will do."""
+  """Total and activated parameters, MoE blocks, routing degree of a model whose `backbone` is a ViT (a
+  segmentation model adds its head); an abstract model (nnx.eval_shape) will do."""
   from vimoe.analysis.routing import routing_degree  # pylint: disable=import-outside-toplevel
   from vimoe.models import activated_params, count_params, moe_blocks  # pylint: disable=import-outside-toplevel
-  vit = getattr(model, "backbone", model)
+  vit = model.backbone
   if not hasattr(vit, "blocks") or not hasattr(vit, "config"):
     raise ValueError(f"parameter counts need a ViT model (or a model with a ViT .backbone); got "
                      f"{type(model).__name__}")

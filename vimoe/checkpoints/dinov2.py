@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from vimoe.models import vit as vit_lib
+from vimoe.models.params import flatten_dict
 
 # DINOv2 head counts by width (the .pth files do not store them; Oquab et al. 2023, table 17).
 HEADS_BY_DIM = {384: 6, 768: 12, 1024: 16, 1536: 24}
@@ -259,16 +260,6 @@ def _nest(flat: dict) -> dict:
   return nested
 
 
-def _flatten(nested: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in nested.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + str(key)] = value
-  return flat
-
-
 def save_params(directory: str, params: dict, model_config: dict) -> None:
   """Writes {parameter name: array} with orbax (`directory/params`) and the model config as JSON."""
   import orbax.checkpoint as ocp
@@ -293,4 +284,4 @@ def restore_params(directory: str) -> tuple[dict[str, np.ndarray], dict]:
   restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
   with open(os.path.join(directory, "model_config.json")) as f:
     model_config = json.load(f)
-  return {name: np.asarray(value) for name, value in _flatten(restored["params"]).items()}, model_config
+  return {name: np.asarray(value) for name, value in flatten_dict(restored["params"]).items()}, model_config

@@ -478,7 +478,7 @@ class Block(nnx.Module):
     return x + self._residual(out, deterministic), aux, cache
 
 
-class LanguageModel(nnx.Module):
+class LanguageModel(params_lib.BlockStack, nnx.Module):
   """Causal Transformer LM / UMoE. Build with `build_lm(config)`; `LanguageModel(lm_config(config), rngs=...)` is
   the same. Parameters: `embed.embedding` [V, D], `pos_embed` [max_length, D] (learned positions), `blocks`,
   `norm`, `head.kernel` [D, V] (absent with tied embeddings)."""
@@ -498,20 +498,7 @@ class LanguageModel(nnx.Module):
                  else nnx.Linear(D, config.vocab_size, use_bias=False, kernel_init=_init, dtype=dtype, rngs=rngs))
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
-  # -- what the optimizer and the analysis read --------------------------------------------------------------------
-  EMBEDDINGS = ("embed", "pos_embed")
-
-  @property
-  def backbone(self) -> LanguageModel:
-    return self
-
-  @property
-  def depth(self) -> int:
-    return len(self.blocks)
-
-  def layer_id(self, path: str) -> int:
-    """BEiT layer index of the parameter at '/'-joined `path`: 0 embeddings, i+1 block i, depth+1 the rest."""
-    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
+  EMBEDDINGS = ("embed", "pos_embed")  # layer 0 for layer-wise lr decay (params_lib.BlockStack)
 
   def _run(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool, cache: list | None,
            mask: jax.Array | None = None):

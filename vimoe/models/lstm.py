@@ -248,7 +248,7 @@ class MoeBlock(nnx.Module):
     return x + _apply_dropout(self.dropout, jax.nn.sigmoid(y), deterministic), aux
 
 
-class LstmMoeLM(nnx.Module):
+class LstmMoeLM(params_lib.BlockStack, nnx.Module):
   """embedding -> LSTM -> MoE -> LSTM -> softmax, residual connections around the three middle layers."""
 
   def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
@@ -258,20 +258,7 @@ class LstmMoeLM(nnx.Module):
     self.blocks = nnx.List([LstmBlock(config, rngs=rngs), MoeBlock(config, rngs=rngs), LstmBlock(config, rngs=rngs)])
     self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
 
-  # -- what the optimizer and the analysis read --------------------------------------------------------------------
-  EMBEDDINGS = ("embed",)
-
-  @property
-  def backbone(self) -> LstmMoeLM:
-    return self
-
-  @property
-  def depth(self) -> int:
-    return len(self.blocks)
-
-  def layer_id(self, path: str) -> int:
-    """BEiT layer index of the parameter at '/'-joined `path`: 0 embedding, i+1 block i, 4 the softmax."""
-    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
+  EMBEDDINGS = ("embed",)  # layer 0 for layer-wise lr decay (params_lib.BlockStack)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                mask: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -1,5 +1,6 @@
 """Parameters by dotted path ("blocks.3.attn.qkv.kernel"): reading, writing and counting them. Used by checkpoint
-import, upcycling and the sweeps' parameter counts; works for every model family."""
+import, upcycling and the sweeps' parameter counts; works for every model family. `BlockStack`: the layer ids
+and backbone a model exposes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ from vimoe import moe
 
 def path_name(path) -> str:
   return ".".join(str(part) for part in path)
+
+
+def flatten_dict(tree: dict, prefix: str = "", *, keep_empty: bool = False) -> dict:
+  """Nested dicts -> {dotted key: leaf}. keep_empty: an empty dict is kept as a leaf (else it vanishes)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and (value or not keep_empty):
+      flat.update(flatten_dict(value, f"{prefix}{key}.", keep_empty=keep_empty))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
@@ -78,11 +90,23 @@ def activated_params(model: nnx.Module) -> int:
   return total
 
 
-def beit_layer_id(path: str, depth: int, embeddings: Sequence[str]) -> int:
-  """BEiT-style layer index (layer-wise lr decay) of the parameter at '/'-joined `path` in a model whose blocks
-  are `blocks/0` .. `blocks/{depth-1}`: 0 for the top-level `embeddings`, i+1 for block i, depth+1 for the rest
+class BlockStack:
+  """What the optimizer and the analysis read from a model whose blocks are `blocks/0` .. `blocks/{depth-1}`:
+  `backbone` (the model itself), `depth`, and the BEiT-style `layer_id(path)` (layer-wise lr decay) of the
+  parameter at '/'-joined `path`: 0 for the top-level `EMBEDDINGS`, i+1 for block i, depth+1 for the rest
   (final norm, head)."""
-  parts = path.split("/")
-  if parts[0] == "blocks":
-    return int(parts[1]) + 1
-  return 0 if parts[0] in embeddings else depth + 1
+  EMBEDDINGS: tuple[str, ...] = ()
+
+  @property
+  def backbone(self):
+    return self
+
+  @property
+  def depth(self) -> int:
+    return len(self.blocks)
+
+  def layer_id(self, path: str) -> int:
+    parts = path.split("/")
+    if parts[0] == "blocks":
+      return int(parts[1]) + 1
+    return 0 if parts[0] in self.EMBEDDINGS else self.depth + 1

@@ -305,7 +305,7 @@ class Block(nnx.Module):
     return (x, aux, choice) if return_routing else (x, aux)
 
 
-class ViT(nnx.Module):
+class ViT(params_lib.BlockStack, nnx.Module):
   """ViT / ViMoE. Build with `build_vit(config)`; `ViT(vit_config(config), rngs=...)` is the same."""
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
@@ -345,21 +345,7 @@ class ViT(nnx.Module):
     pass would at that resolution (`assign_params` uses it)."""
     return resample_pos_embed(pos, self.config.grid, **self._interpolation)
 
-  # -- what the optimizer and the analysis read --------------------------------------------------------------------
-  EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "register_tokens")
-
-  @property
-  def backbone(self) -> ViT:
-    """The ViT that computes the features: the model itself (a segmentation model returns its ViT)."""
-    return self
-
-  @property
-  def depth(self) -> int:
-    return len(self.blocks)
-
-  def layer_id(self, path: str) -> int:
-    """BEiT layer index of the parameter at '/'-joined `path`: 0 embeddings, i+1 block i, depth+1 the rest."""
-    return params_lib.beit_layer_id(path, self.depth, self.EMBEDDINGS)
+  EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "register_tokens")  # layer 0 (params_lib.BlockStack)
 
   def encode(self, images: jax.Array, *, deterministic: bool = True, return_layers: Sequence[int] = (),
              return_routing: bool = False, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -69,9 +69,6 @@ class Segmentation(Task):
     from vimoe.data.segmentation import build_segmentation_dataset
     return build_segmentation_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)
 
-  def depth(self, model):
-    return len(model.backbone.blocks)
-
   def trainable(self, config):
     """What the optimizer updates: everything, or only the head when the backbone is frozen (linear probing)."""
     if config.model.get("head", {}).get("freeze_backbone", False):

@@ -8,7 +8,6 @@ A task is a `Task` subclass. It defines
   eval_batch(model, batch) -> dict of summed statistics                   (summed over batches)
   summarize(sums) -> dict of 'eval/...' metrics
 and may override the defaults of
-  depth(model) -> number of blocks (for layer-wise learning-rate decay; default len(model.blocks))
   trainable(config) -> the nnx filter of what the optimizer updates (default every nnx.Param)
   load_pretrained(model, config) -> initialise from config.init.checkpoint (default: refused)
   after_evaluation(model, config, workdir, step, metrics) -> extra files after an evaluation (default: none)
@@ -43,10 +42,6 @@ class Task:
   # Routing statistics (names of MoE metrics) reported in training metrics, and averaged over evaluation.
   train_routing_keys = ("dropped_fraction",)
   eval_routing_keys = ("dropped_fraction", "expert_load", "load_cv", "importance_cv")
-
-  def depth(self, model):
-    """Blocks for layer-wise learning-rate decay (parameters under `blocks/i`, vimoe/train/optim.py)."""
-    return len(model.blocks)
 
   def trainable(self, config):
     """What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone)."""

@@ -42,6 +42,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from vimoe import parallel
+from vimoe.models.params import flatten_dict
 from vimoe.parallel.distributed import is_main_process
 from vimoe.train.optim import create_optimizer, learning_rate_schedule
 from vimoe.train.tasks import get_task
@@ -191,15 +192,6 @@ class WorkdirLock:
     self.release()
 
 
-def _flatten(tree, prefix="") -> dict:
-  if isinstance(tree, dict):
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out or {prefix[:-1]: {}}
-  return {prefix[:-1]: tree}
-
-
 def _config_record(config) -> dict:
   """The config as config.json holds it (JSON types: tuples become lists)."""
   return json.loads(config.to_json_best_effort())
@@ -207,7 +199,7 @@ def _config_record(config) -> dict:
 
 def config_changes(saved: dict, new: dict) -> dict:
   """{dotted key: (saved value, new value)} for every key that differs (absent keys as '<absent>')."""
-  old_flat, new_flat = _flatten(saved), _flatten(new)
+  old_flat, new_flat = flatten_dict(saved, keep_empty=True), flatten_dict(new, keep_empty=True)
   return {key: (old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT))
           for key in sorted(old_flat.keys() | new_flat.keys())
           if old_flat.get(key, _ABSENT) != new_flat.get(key, _ABSENT)}
@@ -404,11 +396,11 @@ def build(config, mesh=None):
   trainable = task.trainable(config)  # what the optimizer updates (a linear probe freezes the backbone)
   if mesh is None:
     model = make_model()
-    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, model=model), wrt=trainable)
     return task, model, optimizer
   with jax.set_mesh(mesh):
     model = parallel.create_sharded(make_model, mesh)
-    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, task.depth(model)), wrt=trainable)
+    optimizer = nnx.Optimizer(model, create_optimizer(config.optim, model=model), wrt=trainable)
     nnx.update(optimizer, parallel.shard_tree(nnx.state(optimizer), mesh))
   return task, model, optimizer
 
