@@ -53,6 +53,23 @@ def weighted_losses(config: MoeConfig, metrics: dict, names=("importance", "load
           if name in names and getattr(config, weight) > 0}
 
 
+def check_mask(mask, B: int, T: int) -> None:
+  if mask is not None and mask.shape != (B, T):
+    raise ValueError(f"mask has shape {mask.shape}; expected (batch, tokens) = {(B, T)}")
+
+
+def group_tokens(x: jax.Array, group_size: int | None, mask: jax.Array | None = None):
+  """x [B,T,D] -> (routing groups [G,S,D] of `group_size` tokens (None: one sequence each), mask [G,S] or None)."""
+  B, T, D = x.shape
+  check_mask(mask, B, T)
+  S = T if group_size is None else group_size
+  if (B * T) % S:
+    raise ValueError(f"group_size={group_size} does not divide the {B * T} tokens of the batch "
+                     f"(batch {B} x length {T})")
+  G = B * T // S
+  return x.reshape(G, S, D), None if mask is None else mask.reshape(G, S)
+
+
 class MoeLayer(nnx.Module):
   """A mixture-of-experts MLP: y = sum over chosen experts of gate * expert(x) + sum of shared experts(x).
 
@@ -96,8 +113,7 @@ class MoeLayer(nnx.Module):
     """Routing units: (payload [G,S,U*D], router features [G,S,D] f32, token ids [G,S] or None, U,
     valid [G,S] bool or None). An item (route_per="item") is valid when any of its tokens is."""
     B, T, D = x.shape
-    if mask is not None and mask.shape != (B, T):
-      raise ValueError(f"mask has shape {mask.shape}; expected (batch, tokens) = {(B, T)}")
+    check_mask(mask, B, T)
     if self.route_per == "item":
       if router_input is None:
         router_input = jnp.mean(x.astype(jnp.float32), axis=1)   # [B,D] the item's mean token
@@ -117,14 +133,9 @@ class MoeLayer(nnx.Module):
       valid = None if mask is None else jnp.any(mask, axis=1).reshape(G, items_per_group)
       return (x.reshape(G, items_per_group, T * D),
               router_input.astype(jnp.float32).reshape(G, items_per_group, D), None, T, valid)
-    S = T if self.config.group_size is None else self.config.group_size
-    if (B * T) % S:
-      raise ValueError(f"group_size={self.config.group_size} does not divide the {B * T} tokens of the batch "
-                       f"(batch {B} x length {T})")
-    G = B * T // S
-    ids = None if token_ids is None else token_ids.reshape(G, S)
-    valid = None if mask is None else mask.reshape(G, S)
-    return x.reshape(G, S, D), x.astype(jnp.float32).reshape(G, S, D), ids, 1, valid
+    units, valid = group_tokens(x, self.config.group_size, mask)
+    ids = None if token_ids is None else token_ids.reshape(units.shape[:2])
+    return units, units.astype(jnp.float32), ids, 1, valid
 
   def __call__(self, x: jax.Array, *, router_input: jax.Array | None = None, token_ids: jax.Array | None = None,
                mask: jax.Array | None = None, deterministic: bool | None = None):
@@ -180,17 +191,10 @@ HIERARCHICAL_DEFAULTS = MoeConfig(router="noisy_top_k", capacity_factor=None, di
 
 
 class HierarchicalMoeLayer(nnx.Module):
-  """Shazeer et al. 2017 appendix B: y = sum_i sum_j Gp(x)_i G_i(x)_j E_ij(x).
-
-  A primary noisy top-k gate picks `k_primary` of `num_groups` groups; inside each chosen group a secondary noisy
-  top-k gate picks `k_secondary` of its `experts_per_group` experts. Expert (i, j) is stored at index
-  i * experts_per_group + j of `experts`, so the flattened choice list (K = k_primary * k_secondary, gate
-  Gp_i * G_ij) goes through the same dispatch as MoeLayer.
-
-  Parameters: `router.kernel`, `router.noise_kernel` [D, num_groups]; `secondary_kernel`,
-  `secondary_noise_kernel` [D, num_groups, experts_per_group]; `experts` with E = num_groups * experts_per_group.
-  Losses (appendix B): Importance_H(X)_ij = sum_x Gp(x)_i G_i(x)_j and
-  Load_H(X)_ij = Load_p(X)_i * Load_i(X^(i))_j / |X^(i)|, X^(i) the tokens with Gp(x)_i > 0.
+  """Shazeer et al. 2017 appendix B: y = sum_i sum_j Gp(x)_i G_i(x)_j E_ij(x). A primary noisy top-k gate picks
+  `k_primary` of `num_groups` groups, a secondary one `k_secondary` of the chosen group's `experts_per_group`
+  experts; the flattened choices go through MoeLayer's capacity and dispatch. Parameters, expert layout and the
+  appendix B losses: docs/design.md, 'Hierarchical MoE'.
   """
 
   def __init__(self, dim: int, hidden_dim: int, num_groups: int, experts_per_group: int,
@@ -223,16 +227,10 @@ class HierarchicalMoeLayer(nnx.Module):
     deterministic = self.router.deterministic if deterministic is None else deterministic
     B, T, D = x.shape
     config = self.config
-    S = T if config.group_size is None else config.group_size
-    if (B * T) % S:
-      raise ValueError(f"group_size={config.group_size} does not divide the {B * T} tokens of the batch")
-    G = B * T // S
-    if mask is not None and mask.shape != (B, T):
-      raise ValueError(f"mask has shape {mask.shape}; expected (batch, tokens) = {(B, T)}")
-    valid = None if mask is None else jnp.asarray(mask, bool).reshape(G, S)
+    units, valid = group_tokens(x, config.group_size, None if mask is None else jnp.asarray(mask, bool))
+    G, S = units.shape[:2]
     A, Bx = self.num_groups, self.experts_per_group
     kp, ks = self.k_primary, self.k_secondary
-    units = x.reshape(G, S, D)
     features = units.astype(jnp.float32)
     # Primary gate over groups.
     clean, noise_std, noise = self.router.noisy_logits(features, deterministic)
