@@ -48,19 +48,25 @@ def prepare_instructions(data_dir: str) -> str:
       f"  3. Point the config at it: data_dir={data_dir!r} (or set TFDS_DATA_DIR).")
 
 
-def open_source(split: str, data_dir: str | None):
-  """The random-access tfds data source of `split`; `DataNotPreparedError` with instructions when it is missing."""
+def open_tfds_source(name: str, split: str, data_dir: str | None, instructions):
+  """The random-access tfds data source (ArrayRecord) of dataset `name`, `split`; `DataNotPreparedError` with
+  `instructions(data_dir)` (how to prepare it) when it is missing."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   try:
-    return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False,
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             builder_kwargs={"file_format": "array_record"})
   except (KeyError, FileNotFoundError, NotImplementedError, ValueError, AssertionError) as error:
     # tfds raises KeyError ("splits is empty") when nothing was built, NotImplementedError / ValueError when only
     # another file format (tfrecord) was built or the split name does not exist.
     data_dir = data_dir or default_data_dir()
     raise DataNotPreparedError(
-        f"Cannot open tfds dataset {NAME!r} split {split!r} in ArrayRecord format under data_dir={data_dir!r}: "
-        f"{type(error).__name__}: {error}\n{prepare_instructions(data_dir)}") from error
+        f"Cannot open tfds dataset {name!r} split {split!r} in ArrayRecord format under data_dir={data_dir!r}: "
+        f"{type(error).__name__}: {error}\n{instructions(data_dir)}") from error
+
+
+def open_source(split: str, data_dir: str | None):
+  """The random-access tfds data source of `split`; `DataNotPreparedError` with instructions when it is missing."""
+  return open_tfds_source(NAME, split, data_dir, prepare_instructions)
 
 
 def num_examples(split: str, data_dir: str | None) -> int:

@@ -87,17 +87,19 @@ _COMMON_DEFAULTS = {
 PAD_LABEL = -1
 
 
+def config_values(config, defaults: dict) -> dict:
+  """{key: the config's value, or defaults[key] where it is None or absent} (a ConfigDict, a dict or an object)."""
+  get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+  values = {key: get(key, None) for key in defaults}
+  return {key: defaults[key] if value is None else value for key, value in values.items()}
+
+
 def _resolve(config) -> dict[str, Any]:
   """Config values with defaults filled in, checked."""
-  get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
-  name = get("name", None)
+  name = config_values(config, {"name": None})["name"]
   if name not in NAMES:
     raise ValueError(f"config.name={name!r} is not a known image dataset; valid names: {', '.join(NAMES)}")
-  defaults = {**_COMMON_DEFAULTS, **_DEFAULTS[name]}
-  resolved = {"name": name}
-  for key, default in defaults.items():
-    value = get(key, None)
-    resolved[key] = default if value is None else value
+  resolved = {"name": name, **config_values(config, {**_COMMON_DEFAULTS, **_DEFAULTS[name]})}
   for key in ("mean", "std"):
     value = np.asarray(resolved[key], np.float32).reshape(-1)
     if value.size not in (1, 3):

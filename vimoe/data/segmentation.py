@@ -49,7 +49,8 @@ import numpy as np
 from PIL import Image
 
 from vimoe.data import digits, transforms
-from vimoe.data.imagenet import DataNotPreparedError
+from vimoe.data.images import config_values, prefetch_in_workers
+from vimoe.data.imagenet import DataNotPreparedError, open_tfds_source
 
 NAMES = ("digit_canvas", "ade20k", "scene_parse150")
 IGNORE_LABEL = -1
@@ -70,8 +71,7 @@ _ADE_DIRS = {"train": "training", "validation": "validation"}
 
 def resolve_config(config) -> dict[str, Any]:
   """The segmentation data config as a dict with every default filled in; an unknown name or key raises."""
-  get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
-  name = get("name", None)
+  name = config_values(config, {"name": None})["name"]
   if name not in NAMES:
     raise ValueError(f"data.name={name!r} is not a segmentation dataset; valid: {', '.join(NAMES)}")
   known = set(_COMMON) | set(_DEFAULTS[name]) | {"name", "train_split", "eval_split", "read_threads"}
@@ -80,10 +80,7 @@ def resolve_config(config) -> dict[str, Any]:
   if unknown:
     raise ValueError(f"unknown data key(s) {', '.join('data.' + k for k in unknown)} for data.name={name!r}; "
                      f"valid: {', '.join(sorted(known))}")
-  cfg = {"name": name}
-  for key, default in {**_COMMON, **_DEFAULTS[name]}.items():
-    value = get(key, None)
-    cfg[key] = default if value is None else value
+  cfg = {"name": name, **config_values(config, {**_COMMON, **_DEFAULTS[name]})}
   for key in ("mean", "std"):
     value = np.asarray(cfg[key], np.float32).reshape(-1)
     if value.size not in (1, 3) or (key == "std" and np.any(value <= 0)):
@@ -234,17 +231,7 @@ class AdeDirectorySource:
 
 
 def open_scene_parse150(split: str, data_dir: str | None):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  try:
-    return tfds.data_source("scene_parse150", split=split, data_dir=data_dir, download=False,
-                            builder_kwargs={"file_format": "array_record"})
-  except (KeyError, FileNotFoundError, NotImplementedError, ValueError, AssertionError) as error:
-    from vimoe.data.imagenet import default_data_dir  # pylint: disable=import-outside-toplevel
-    data_dir = data_dir or default_data_dir()
-    raise DataNotPreparedError(
-        f"Cannot open tfds dataset 'scene_parse150' split {split!r} in ArrayRecord format under "
-        f"data_dir={data_dir!r}: {type(error).__name__}: {error}\n"
-        f"{scene_parse150_prepare_instructions(data_dir)}") from error
+  return open_tfds_source("scene_parse150", split, data_dir, scene_parse150_prepare_instructions)
 
 
 def annotation_to_label(annotation: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -383,5 +370,4 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
   ds = ds.batch(local_batch, drop_remainder=train)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg["name"] == "digit_canvas" else 8,
                                                  prefetch_buffer_size=0 if cfg["name"] == "digit_canvas" else 8))
-  from vimoe.data.images import prefetch_in_workers  # pylint: disable=import-outside-toplevel
   return prefetch_in_workers(iter_ds, cfg["num_workers"])

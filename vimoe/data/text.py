@@ -53,8 +53,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from vimoe.data.imagenet import DataNotPreparedError
-from vimoe.data.images import check_loader_args, prefetch_in_workers
+from vimoe.data.imagenet import open_tfds_source
+from vimoe.data.images import check_loader_args, config_values, prefetch_in_workers
 
 NAMES = ("shakespeare", "lm1b")
 TOKENIZERS = ("bytes", "sentencepiece")
@@ -166,13 +166,10 @@ def _resolve(config) -> dict[str, Any]:
   unknown = [key for key in keys if key not in _DEFAULTS and key != "name"]
   if unknown:
     raise ValueError(f"config key(s) {unknown} are not text-data keys; valid keys: name, {', '.join(_DEFAULTS)}")
-  name = config["name"] if "name" in keys else None
+  name = config_values(config, {"name": None})["name"]
   if name not in NAMES:
     raise ValueError(f"config.name={name!r} is not a known text dataset; valid names: {', '.join(NAMES)}")
-  cfg = {"name": name}
-  for key, default in _DEFAULTS.items():
-    value = config[key] if key in keys else None
-    cfg[key] = default if value is None else value
+  cfg = {"name": name, **config_values(config, _DEFAULTS)}
   if cfg["eval_split"] is None:
     cfg["eval_split"] = _EVAL_SPLIT[name]
   for key, minimum in (("seq_len", 1), ("num_workers", 0)):
@@ -258,18 +255,7 @@ def lm1b_prepare_instructions(data_dir: str) -> str:
 
 def open_lm1b(split: str, data_dir: str | None):
   """The random-access tfds source of lm1b `split` ({"text": str}); DataNotPreparedError with the steps if absent."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  try:
-    return tfds.data_source(LM1B, split=split, data_dir=data_dir, download=False,
-                            builder_kwargs={"file_format": "array_record"})
-  except (KeyError, FileNotFoundError, NotImplementedError, ValueError, AssertionError) as error:
-    # tfds raises KeyError ("splits is empty") when nothing was built, NotImplementedError / ValueError when only
-    # another file format was built or the split name does not exist.
-    from vimoe.data.imagenet import default_data_dir  # pylint: disable=import-outside-toplevel
-    data_dir = data_dir or default_data_dir()
-    raise DataNotPreparedError(
-        f"Cannot open tfds dataset {LM1B!r} split {split!r} in ArrayRecord format under data_dir={data_dir!r}: "
-        f"{type(error).__name__}: {error}\n{lm1b_prepare_instructions(data_dir)}") from error
+  return open_tfds_source(LM1B, split, data_dir, lm1b_prepare_instructions)
 
 
 def _text_of(example) -> str:
