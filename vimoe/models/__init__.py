@@ -15,11 +15,11 @@ from vimoe.models.lm import LanguageModel, LMConfig, build_lm, generate, lm_conf
 from vimoe.models.lstm import LstmMoeConfig, LstmMoeLM, build_lstm_lm, lstm_config
 from vimoe.models.params import activated_params, assign_params, count_params, flat_params
 from vimoe.models.posemb import bicubic_resize_matrix, resize_position_grid
-from vimoe.models.vit import VARIANTS, MoeConfig, ViT, ViTConfig, build_vit, moe_blocks, vit_config
+from vimoe.models.vit import VARIANTS, ViT, ViTConfig, build_vit, moe_blocks, vit_config
 
 __all__ = [
     "LMConfig", "LanguageModel", "build_lm", "generate", "lm_config",
-    "VARIANTS", "MoeConfig", "ViT", "ViTConfig", "activated_params", "assign_params", "bicubic_resize_matrix",
+    "VARIANTS", "ViT", "ViTConfig", "activated_params", "assign_params", "bicubic_resize_matrix",
     "build_vit", "count_params", "flat_params", "moe_blocks", "parse_moe_layers", "resize_position_grid",
     "vit_config",
     "LstmMoeConfig", "LstmMoeLM", "build_lstm_lm", "lstm_config",

@@ -65,8 +65,7 @@ from vimoe import moe
 from vimoe.models import params as params_lib
 from vimoe.models.config_utils import DTYPES, as_dict, check_keys, choose, parse_moe_layers, positive_int
 from vimoe.models.params import activated_params, assign_params, count_params, flat_params  # noqa: F401  (API)
-from vimoe.models.posemb import bicubic_resize_matrix, resize_class_and_grid, resize_position_grid  # noqa: F401
-from vimoe.models.posemb import resample_pos_embed
+from vimoe.models.posemb import resample_pos_embed, resize_class_and_grid
 
 # name -> sizes (and architecture defaults) of the known variants.
 _DINOV2 = dict(layerscale_init=1e-5)
@@ -91,12 +90,11 @@ CLASSIFIERS = ("cls", "cls+mean")
 POSEMB_INTERPOLATIONS = ("bicubic", "bicubic_antialias")
 
 
-MoeConfig = moe.MoeConfig
 # The MoE settings a ViT config may give (`model.moe.*`, besides `layers`) and their ViT defaults.
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "group_size", "route_per",
               "num_shared_experts", "normalize_gates", "balance_weight", "importance_weight", "z_loss_weight",
               "load_weight", "batch_priority", "slots_per_expert")
-MOE_DEFAULTS = MoeConfig(route_per="item", activation="gelu_exact")
+MOE_DEFAULTS = moe.MoeConfig(route_per="item", activation="gelu_exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +118,7 @@ class ViTConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
   moe_layers: tuple[int, ...] = ()
-  moe: MoeConfig = MOE_DEFAULTS  # its activation is mlp_activation
+  moe: moe.MoeConfig = MOE_DEFAULTS  # its activation is mlp_activation
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -196,7 +194,7 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
 
   depth = resolved["depth"]
   moe_layers = parse_moe_layers(moe_given.pop("layers", "none"), depth, key=prefix + "moe.layers")
-  moe_config = MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
+  moe_config = moe.MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
                                    validate=bool(moe_layers),
                                    activation=resolved.get("mlp_activation", MOE_DEFAULTS.activation))
   return ViTConfig(moe_layers=moe_layers, moe=moe_config, **resolved)
