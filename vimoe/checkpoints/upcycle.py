@@ -6,12 +6,8 @@ parameter (embeddings, attention, norms, LayerScale, dense MLPs of the other blo
 head is copied when the shapes agree and kept fresh otherwise. Optional Gaussian noise on the routed experts'
 copies breaks their symmetry (the shared experts stay exact copies: they are always on, nothing to break).
 
-What the upcycled MLP branch computes at step 0 (S = num_shared_experts, nothing dropped):
-- top-k with `normalize_gates=True`: (1 + S) x the dense MLP (the renormalised gates sum to 1 over identical
-  experts); with S = 0 the upcycled model computes exactly what the dense one did.
-- `normalize_gates=False`, k=1 (the shipped ViMoE configs): (g + S) x the dense MLP, g the top-1 router
-  probability (about 1/E for a fresh router: about 1.13x with E=8 and one shared expert, 0.13x without).
-docs/moe.md ("Expert initialisation and upcycling") has the table and what the ViMoE paper's recipe implies.
+What the upcycled MLP branch computes at step 0 ((1 + S) or (g + S) x the dense MLP, S shared experts, g the
+top-1 gate) and what the ViMoE paper's recipe implies: docs/moe.md, "Expert initialisation and upcycling".
 """
 
 from __future__ import annotations

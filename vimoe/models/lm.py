@@ -4,44 +4,17 @@ Shapes: B batch, T tokens (queries), S key positions (T, or the cache length whe
 V vocabulary, E experts, K experts per token, h heads, d head dimension (D / h), dk UMoE query/key dimension,
 r UMoE low-rank query rank, L cache length.
 
-**Transformer** (`model.name = "transformer"`; GPT-2 / Llama layout, pre-norm):
+**Transformer** (`model.name = "transformer"`; GPT-2 / Llama layout, pre-norm): tokens [B, T] -> embed (+ learned
+positions) -> blocks `x = x + attn(norm1(x)); x = x + ffn(norm2(x))` -> final norm -> head (or embed^T) -> [B, T, V].
+`attn` is causal multi-head self-attention (RoPE with `positions = "rope"`); `ffn` is a dense MLP (one always-on
+`moe.Experts`) or, in the blocks chosen by `moe.layers`, a `moe.MoeLayer(causal=True)`.
 
-    tokens [B, T] -> embed [B, T, D] (+ learned positions) -> blocks -> final norm -> head (or embed^T) -> [B, T, V]
-    block:  x = x + attn(norm1(x));   x = x + ffn(norm2(x))
-
-`attn` is causal multi-head self-attention; with `positions = "rope"` queries and keys are rotated (RoFormer, Su et
-al. 2021): pairs (z_i, z_{i+d/2}) are turned by the angle `p * base^(-2i/d)` at position p, so
-`<R_m q, R_n k>` depends only on m - n. `ffn` is a dense MLP (one always-on `moe.Experts`, so dense and MoE
-blocks share the MLP code and initialisation) or, in the blocks chosen by `moe.layers`, a
-`moe.MoeLayer(causal=True)`: `y = sum_{e in topk(x)} g_e E_e(x) + sum_s shared_s(x)`.
-
-**UMoE** (`model.name = "umoe"`; Yang et al. 2025, arXiv 2505.07260). Attention rewritten so that each "head" is an
-FFN expert, and the attention and FFN sub-layers of a block share one pool of E experts `E_1..E_E` (the FFN
-`MoeLayer`'s `experts`). With X = norm1(x) [S, D] the hidden states of the sequence and x_t the query token:
-
-    router      p = softmax(x_t W_r), I_t = top-K experts of p                   (W_r [D, E], its own router)
-    query       q_i = x_t W_q + x_t A_i B_i               (W_q [D, dk], A_i [D, r], B_i [r, dk]: low rank, per expert)
-    keys        K = X W_k                                 (W_k [D, dk], one set of keys shared by all experts)
-    weights     a_i = softmax(RoPE(q_i) RoPE(K)^T / sqrt(dk) + causal mask)                          [S]
-    pre-mixing  y_t = sum_{i in I_t} p_i E_i(a_i X)  +  E_sh(a_sh X)                       (umoe_mixing="pre")
-    post-mixing y_t = sum_{i in I_t} p_i a_i E_i(X)   +  a_sh E_sh(X)                      (umoe_mixing="post")
-
-Values are the raw hidden states X (no value or output projection: they live inside the experts). `E_sh` is the
-attention's own always-on shared expert with its own query `q_sh = x_t W_sh` (`umoe_attn_shared_expert`). The
-FFN sub-layer of the block is `MoeLayer` over the same experts with its own router (and `moe.num_shared_experts`
-FFN shared experts). With linear experts E_i(u) = u W_in_i W_out_i, pre- and post-mixing are the same function
-and equal multi-head attention with W_V^i = W_in_i, W_O^i = W_out_i and per-head queries W_q + A_i B_i (tests).
-Pre-mixing runs K expert MLPs per token; post-mixing must run every expert on every token (E MLPs per token),
-so it is here for comparison at small scale only.
-
-**Causality and routing.** Routers that see the whole group (experts_choose, soft, batch priority) are refused.
-Token-choice routing is causal when nothing is dropped: `dispatch="gather", capacity_factor=None` (the default,
-dropless) or `dispatch="einsum", capacity_factor=None` (capacity = sequence length). A capacity factor is allowed
-with k=1 only (slots go to tokens in position order, so an earlier token is never pushed out by a later one); with
-k >= 2 slots are filled first choices first, so a later token's first choice could take the slot an earlier
-token's second choice needed, and that is refused. Cached decoding routes one step at a time and never drops, so
-with a capacity it can differ from the training-time forward pass where the training pass dropped a token.
-Routing groups are one sequence each.
+**UMoE** (`model.name = "umoe"`; Yang et al. 2025, arXiv 2505.07260): every attention "head" is an FFN expert and
+the attention and FFN sub-layers of a block share one pool of experts. Its formulas (router, low-rank queries,
+pre- and post-mixing), the causality rules of routing in a decoder, and what this layout refuses: docs/design.md,
+'Models built on the layer'. Post-mixing runs every expert on every token (E MLPs per token): for comparison at
+small scale only. Routing groups are one sequence each; cached decoding routes one step at a time and never
+drops, so with a capacity it can differ from a training-time forward pass that dropped a token.
 
 **Cached decoding.** `cache = model.init_cache(B, L)`; `logits, cache = model.decode(tokens [B, S], cache,
 position)` runs S new tokens at positions position..position+S-1 (a prompt, then one token at a time) and returns
@@ -310,8 +283,8 @@ class CausalSelfAttention(nnx.Module):
 
 
 class UmoeAttention(nnx.Module):
-  """UMoE attention over an expert pool it does not own (the block's FFN `MoeLayer.experts`); see the module
-  docstring for the formulas.
+  """UMoE attention over an expert pool it does not own (the block's FFN `MoeLayer.experts`); formulas:
+  docs/design.md, 'Models built on the layer'.
 
   Parameters: `router.kernel` [D, E]; `query.kernel` [D, dk] (W_q); `query_down` [E, D, r] and `query_up`
   [E, r, dk] (A_i, B_i; absent when r = 0); `key.kernel` [D, dk] (W_k); with the shared expert

@@ -14,12 +14,10 @@ added to the layer output", and "the output of the MoE layer is passed through a
     h3 = h2 + dropout(LSTM_2(h2))                        [B, T, D]
     logits = h3 W_softmax + b                            [B, T, V]
 
-The MoE (appendix C.1, section 2.1): experts are ReLU MLPs D -> hidden_dim -> D (512 -> 1024 -> 512, 1M parameters
-each); noisy top-k gating (eqs. 3-5) with k=4 for a flat MoE (MoE-4/32/256), or a hierarchical MoE (appendix B)
-with a primary gate over `num_groups` groups and secondary gates inside each, k=2 at each level (MoE-256-h,
-MoE-1024-h, MoE-4096-h: 16 groups). Balance losses: importance (eqs. 6-7) and load (eqs. 8-11), both weighted 0.1
-in the paper. The MoE is `vimoe.moe.MoeLayer(router="noisy_top_k", causal=True, activation="relu")` or
-`vimoe.moe.HierarchicalMoeLayer`; its gate weights start at zero (appendix A, "Initial Load Imbalance").
+The MoE: ReLU expert MLPs D -> hidden_dim -> D (512 -> 1024 -> 512 in the paper), noisy top-k gating with k=4
+(flat: MoE-4/32/256) or the hierarchical MoE with k=2 at each level (MoE-256-h .. MoE-4096-h: 16 groups),
+importance and load losses weighted 0.1; gate weights start at zero (appendix A). Its formulas:
+docs/design.md, 'Routers', 'Hierarchical MoE' and 'Models built on the layer'.
 
 Not reproduced: the paper's importance-sampled softmax over an 800k-word vocabulary (ours is a full softmax over a
 small byte or SentencePiece vocabulary), the output-projected LSTMs of the larger C.2 models, and the paper's
@@ -102,10 +100,6 @@ class LstmMoeConfig:
 
   num_experts = property(lambda self: self.moe.num_experts)
   k = property(lambda self: self.moe.k)
-
-  @property
-  def total_experts(self) -> int:
-    return self.num_experts if self.moe_type == "flat" else self.num_groups * self.experts_per_group
 
   @property
   def experts_per_token(self) -> int:

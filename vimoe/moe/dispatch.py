@@ -1,15 +1,8 @@
 """Moving tokens to experts and back (pure functions). Axis letters: see vimoe/moe/routing.py.
 
 Three dispatchers, all taking `expert_fn(x [E, N, M]) -> [E, N, M]` that runs expert e on row block e:
-
-* `einsum_moe`: GShard / V-MoE one-hot dispatch. Builds dispatch and combine tensors [G,S,E,C] and moves tokens
-  with two einsums. Costs about S/H of the expert matmuls per einsum (keep groups in the hundreds of tokens), and
-  is the form the SPMD partitioner turns into all-to-all when G and E are sharded.
-* `gather_moe`: the same computation with slot indices: a gather builds the [E, G, C, M] expert buffers and a
-  gather + weighted sum brings results back. Same output as `einsum_moe` for the same assignment and capacity.
-* `dropless_moe`: no capacity. Each expert's first A/E assignments (its share under perfect balance) run as one
-  batched matmul; the overflow is sorted by expert into blocks (MegaBlocks-style, static shapes) and a loop with a
-  dynamic trip count runs only the blocks that hold tokens, so the work stays near K x tokens for any imbalance.
+`einsum_moe` (GShard one-hot tensors), `gather_moe` (slot indices, same output) and `dropless_moe` (no capacity,
+block-sorted overflow). What each computes and costs: docs/design.md, 'Capacity and dispatch'.
 """
 
 from __future__ import annotations

@@ -2,16 +2,8 @@
 
 The MoE math reads the mesh through `jax.sharding` only, so `vimoe.moe` never imports `vimoe.parallel`
 (which builds meshes and partition rules on top of this). `run_experts` is the one entry point from the layer:
-it runs the experts on one device, or expert-parallel under a mesh. Conventions (docs/design.md,
-'Sharding'):
-
-* mesh axes `('data', 'expert')`, optionally `'model'` (ignored here: replicated);
-* routing groups `[G, S, M]` are sharded over `('data', 'expert')`: every device routes its own groups;
-* expert buffers `[E, G, C, M]` are sharded `P('expert', 'data')`: the move between the two layouts is an
-  all-to-all over `'expert'` (inserted by the partitioner for the einsum dispatch, written out with
-  `jax.lax.all_to_all` inside `jax.shard_map` for the gather dispatch);
-* expert weights `[E, ...]` are sharded `P('expert')`, from birth when created under the mesh
-  (`expert_axis_for`).
+it runs the experts on one device, or expert-parallel under a mesh. The layouts (groups over ('data', 'expert'),
+expert buffers and weights over 'expert') and the all-to-all of each dispatch: docs/design.md, 'Sharding'.
 """
 
 from __future__ import annotations

@@ -2,16 +2,9 @@
 
     train_and_evaluate(config, workdir) -> final evaluation metrics
 
-The workdir (docs/workdirs.md) gets `config.json` (the run's config), `metrics.jsonl` (one JSON object per line,
-always with `step`), TensorBoard event files under `tensorboard/`, orbax checkpoints under `checkpoints/` holding
-the model, the optimizer, the data iterator and the step, `run.lock` while a run is live, and
-`config_changes.jsonl` when a rerun changed a setting that may change. Running the same command again resumes from
-the newest checkpoint that restores; orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a killed run never leaves a half-written checkpoint behind.
-
-One run per workdir: the coordinating process holds an flock on `run.lock` (the OS releases it when the process
-dies, kill -9 included), and a second run refuses at once, naming the live one. A rerun compares its config with
-config.json before writing anything: only the keys of SAFE_TO_CHANGE may differ.
+What the workdir holds (config.json, metrics.jsonl, tensorboard/, orbax checkpoints of the model, optimizer,
+data iterator and step, run.lock, config_changes.jsonl), how a rerun resumes from the newest checkpoint that
+restores, the one-run-per-workdir flock and the keys a rerun may change (SAFE_TO_CHANGE): docs/workdirs.md.
 
 The loop never waits on the device between steps: the train step is one `jax.jit` over the split (model,
 optimizer) state, which it donates, and returns an on-device guard (the first step whose loss or updated
