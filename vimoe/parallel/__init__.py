@@ -9,10 +9,10 @@ from vimoe.moe.sharding import token_axes as partition_axes
 from vimoe.parallel.distributed import initialize, is_main_process, per_process_batch_size
 from vimoe.parallel.mesh import make_mesh, mesh_from_config, mesh_summary
 from vimoe.parallel.partition import (DEFAULT_RULES, abstract_with_shardings, create_sharded, named_shardings,
-                                      partition_specs, shard_module, shard_tree, spec_for)
+                                      partition_specs, shard_tree, spec_for)
 
 __all__ = [
     "DATA_AXIS", "DEFAULT_RULES", "EXPERT_AXIS", "abstract_with_shardings", "create_sharded", "initialize",
     "is_main_process", "make_mesh", "mesh_from_config", "mesh_summary", "named_shardings", "partition_axes", "partition_specs",
-    "per_process_batch_size", "shard_module", "shard_tree", "spec_for",
+    "per_process_batch_size", "shard_tree", "spec_for",
 ]

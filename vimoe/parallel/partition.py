@@ -63,13 +63,6 @@ def shard_tree(tree, mesh, rules: Rules = DEFAULT_RULES):
   return jax.device_put(tree, named_shardings(tree, mesh, rules))
 
 
-def shard_module(module: nnx.Module, mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
-  """Moves an existing module's variables onto `mesh` in place and returns it."""
-  state = nnx.state(module)
-  nnx.update(module, shard_tree(state, mesh, rules))
-  return module
-
-
 def create_sharded(make_module: Callable[[], nnx.Module], mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
   """Builds the module inside jit with its variables born sharded (no full copy on one device first). Built under
 the mesh, so that variables carrying their own sharding metadata (MoE experts) have it in both passes."""
