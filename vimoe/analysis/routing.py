@@ -88,9 +88,7 @@ def block_index(name: str) -> int:
   return int(match.group(1))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Pure functions on a routing log
-# ---------------------------------------------------------------------------------------------------------------
 
 def routing_matrix(labels, experts, num_classes: int, num_experts: int) -> np.ndarray:
   """int64 [num_classes, num_experts]: entry (c, e) counts the units of class c whose first choice is e.
@@ -250,9 +248,7 @@ def analyze(log: RoutingLog, *, min_score: float = 0.1, relative: float = 0.5, s
                                              chance=chance, min_score=min_score, relative=relative)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Figures (matplotlib Figure objects: no pyplot state, shown inline by notebooks, saved by scripts)
-# ---------------------------------------------------------------------------------------------------------------
 
 def _draw_heatmap(axis, layer: dict, name: str, class_names=None, colorbar_figure=None, class_label=True):
   matrix = np.asarray(layer["matrix"])
@@ -332,9 +328,7 @@ def save_figures(analysis: dict, directory, class_names=None) -> list[pathlib.Pa
   return paths
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Collecting a routing log from a model
-# ---------------------------------------------------------------------------------------------------------------
 
 def patch_majority_labels(labels: np.ndarray, patch_size: int, grid: tuple[int, int]) -> np.ndarray:
   """Pixel labels [B, H, W] -> [B, h, w]: the most frequent label >= 0 under each patch, -1 where none.

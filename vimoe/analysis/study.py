@@ -32,9 +32,7 @@ TARGET_POINTS = 1.0  # the issue's target: paired 95 % CI of shared vs no-shared
 CHANCE_FACTOR = 2.0  # a block "specialises" when S >= this x its shuffled-label score (as the routing advice)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Statistics
-# ---------------------------------------------------------------------------------------------------------------
 
 def t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
   """t_{dof, (1 + confidence) / 2}: the two-sided critical value."""
@@ -84,9 +82,7 @@ def verdict(interval: dict, *, reproduced_if: str) -> str:
   return "reproduced" if above else "contradicted" if below else "unresolved"
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Reading the sweep
-# ---------------------------------------------------------------------------------------------------------------
 
 def layer_count(layers) -> int:
   """'none' -> 0, 'last:L' -> L."""
@@ -134,9 +130,7 @@ def complete_seeds(arms: dict) -> list[int]:
   return sorted(set.intersection(*(set(values) for values in arms.values())))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The analysis
-# ---------------------------------------------------------------------------------------------------------------
 
 def summarize(arms: dict, *, point_seconds: float | None = None, target: float = TARGET_POINTS,
               num_arms: int | None = None) -> dict:
@@ -249,9 +243,7 @@ def specialization_verdict(analysis: dict, depth: int) -> dict:
           "shallow_mean_S": shallow_mean}
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Routing analyses of the all-MoE points
-# ---------------------------------------------------------------------------------------------------------------
 
 def routing_analyses(rows: list[dict], output_root, analyze, seed: int = 0) -> dict:
   """`analyze(workdir, output_dir=...)` (scripts/run_study.py passes vimoe.train.workdir.analyze_workdir, which
@@ -277,9 +269,7 @@ def routing_analyses(rows: list[dict], output_root, analyze, seed: int = 0) -> d
   return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Figure and report
-# ---------------------------------------------------------------------------------------------------------------
 
 def plot_accuracy_vs_L(summary: dict, path) -> pathlib.Path:
   """Top-1 vs L with 95 % CI bars, shared expert off and on; the dense fine-tune as a horizontal band (its CI)."""

@@ -1,34 +1,6 @@
 """Two-digit numbers 00-99 made of scikit-learn digits (100 classes), and its one-digit pretraining variant.
 
-The ViMoE placement study (configs/study_pretrain.py, configs/study_placement.py) needs a task with many classes and
-thousands of held-out images that ships offline. Both tasks draw on the digits split of vimoe.data.digits (1442
-training digits, 355 held-out digits; no digit crosses the split) and keep each digit at its NATIVE 8x8 resolution
-(pixel values 0..16 divided by 16) on a 16x16 black canvas:
-
-    rows 4..11 (centred vertically); columns 0..7 = left slot (tens), columns 8..15 = right slot (units)
-
-so with 4x4 patches each digit fills its own 2x2 patches and the two are never mixed in one patch.
-
-task="pairs" (100 classes, label = 10 * tens + units):
-  train  every ordered pair (left, right) of two training digits, 1442^2 = 2,079,364 canvases, one epoch; the
-         loader shuffles them with the run's seed (grain index shuffle), so the same seed gives the same data order
-         in every run (paired arms) and a different seed another; plus the digits loader's random shift
-         augmentation (`max_shift`, applied to the whole canvas).
-  test   a FIXED set of `test_per_class` (default 100) pairs per class, 10,000 canvases, identical on every
-         machine: for class 10a+b, in class order, the pairs are `test_per_class` distinct (left, right) pairs of
-         held-out digits of classes a and b, drawn without replacement from all n_a x n_b such pairs (n = 34..36
-         held-out digits per class) by numpy's legacy `RandomState(TEST_SEED).choice`, whose stream numpy keeps
-         fixed across versions. Every held-out digit is used about 28 times in each slot, so test errors are
-         correlated through the 355 digits: the test set measures the model on these 355 digits, very precisely.
-task="slots" (20 classes, the study's pretraining task, a stand-in for DINOv2's pretraining): ONE digit, in the
-         left or the right slot (the other slot blank); label = 10 * slot + digit (slot 0 = left), so the backbone
-         learns what a digit is AND where it is, which the pair task needs.
-  train  each training digit in the left slot and in the right slot: 2 x 1442 canvases per epoch, shuffled by the
-         loader, with the same shift augmentation.
-  test   each held-out digit in the left and in the right slot: 710 canvases, no random numbers.
-task="single" (10 classes): the same canvases labelled with the digit only (slot-invariant). Measured while sizing
-         the study: a backbone pretrained on it fine-tunes to the pair task slowly (0.40 after 300 steps), because
-         its features do not say which slot a digit is in.
+Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Digit pairs'.
 """
 
 from __future__ import annotations

@@ -8,56 +8,7 @@
 
 `batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows of its own shard.
 
-Config keys (`config` is an ml_collections.ConfigDict or a plain dict; keys left out take the defaults below):
-
-  name            "digits" (embedded, no download; see vimoe.data.digits) | "digit_pairs" (embedded: two-digit
-                  numbers of native 8x8 digits on a 16x16 canvas, 100 classes, or one digit, 10 classes; see
-                  vimoe.data.digit_pairs) | "imagenet2012" (tfds, see vimoe.data.imagenet). Required.
-  image_size      output side H = W. Default 32 (digits), 16 (digit_pairs: the only size), 224 (imagenet2012).
-  mean, std       per-channel normalisation of pixels scaled to [0, 1]: image = (pixel - mean) / std. Three numbers
-                  or one. Default ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) (DINOv2's), for both.
-  augment         training augmentation on/off (default True); evaluation never augments. digits: random shift by
-                  up to `max_shift` pixels; imagenet2012: random-resized crop + horizontal flip (augment=False
-                  trains on the evaluation view).
-  num_workers     grain worker processes (`mp_prefetch`); 0 (default) = in the calling process. The launching
-                  script needs an `if __name__ == "__main__":` guard; unparsed absl flags are marked parsed
-                  (defaults) because the workers read them. Close iterators with workers: `it.close()`.
-  read_threads    threads per process (per worker, with workers) that each build whole batches; up to this many
-                  batches wait in memory. Default 0 (digits: in-memory, built on demand), 16 (imagenet2012).
-  max_shift       digits, digit_pairs: largest random shift in pixels of the (upscaled) image or canvas. Default 2.
-  task            digit_pairs: "pairs" (100 classes, default) | "slots" (one digit in the left or right slot,
-                  label 10 * slot + digit, 20 classes) | "single" (the same canvases, label = digit, 10 classes).
-  test_per_class  digit_pairs pairs: held-out pairs per class in the fixed test split. Default 100 (10,000 images).
-  data_dir        imagenet2012: tfds data dir. Default None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  crop_scale      imagenet2012 training: range of the crop's area fraction. Default (0.08, 1.0).
-  crop_ratio      imagenet2012 training: range of the crop's aspect ratio w/h. Default (3/4, 4/3).
-  crop_fraction   imagenet2012 evaluation: resize the shorter side to floor(image_size / crop_fraction), then
-                  take the central image_size square. Default 0.875 (224 -> 256 -> 224).
-  interpolation   imagenet2012: "bicubic" (default, as DINOv2) | "bilinear".
-
-Splits: digits "train" (1442) | "test" (355); digit_pairs "train" (pairs 1442^2, slots/single 2 x 1442) | "test"
-(pairs 100 x test_per_class, slots/single 710); imagenet2012 "train" | "validation" | tfds slices ("train[:1%]").
-
-Order and sharding. Training (`train=True`): a global shuffle of the whole split, deterministic per `seed` and
-reshuffled every epoch, identical on all processes; the shuffled split is cut to a multiple of the process count and
-process p takes positions p, p + P, ... (disjoint, equal sizes); repeated `num_epochs` times (None = forever).
-A batch may span an epoch boundary; only the final partial batch of a finite run is dropped. Augmentation is
-seeded per example from `seed` and the example's position, so it too is deterministic and differs between epochs.
-Evaluation (`train=False`): file order, process p takes examples p, p + P, ...; one pass (or `num_epochs`); every
-process yields the same number of FULL batches: the end is padded with rows of label -1 and image 0, which
-metrics must skip (`label >= 0`). `num_examples` gives the unpadded count.
-
-Checkpointing the training iterator: the state is a small JSON-serialisable dict (a position, no data). With orbax,
-grain ships a handler, `grain.checkpoint.CheckpointHandler` (also `grain.python.PyGrainCheckpointHandler`), with the
-args `grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)`; it writes one JSON file per
-process. Next to a model state:
-
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                data=grain.checkpoint.CheckpointSave(it)))
-    manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree),
-                                                  data=grain.checkpoint.CheckpointRestore(it)))  # restores `it`
-
-The state is only valid for the same config, split, seed, batch size, process count and num_workers.
+Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Image classification'.
 """
 
 from __future__ import annotations

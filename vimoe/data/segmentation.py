@@ -6,36 +6,7 @@
 Labels are class indices in [0, num_classes); IGNORE_LABEL (-1) marks pixels that no metric or loss counts
 (ADE20K's "other", padding). `batch_size` is the GLOBAL batch; each process yields batch_size / process_count rows.
 
-Datasets (`config.name`):
-
-  digit_canvas    The embedded default (no download): scikit-learn digits (vimoe.data.digits, its fixed 1442/355
-                  split) pasted onto a black canvas; every pixel is labelled background (class 0) or, where a digit's
-                  ink is, that digit's class + 1 (classes 1..10), so num_classes = 11 and nothing is ignored.
-                  Training canvases are drawn afresh from the training digits (a new layout per example and epoch);
-                  the evaluation canvases are a fixed set built from the held-out digits with a fixed seed, identical
-                  on every machine.
-  ade20k          The ADE20K scene-parsing benchmark (SceneParse150, 150 classes) from the extracted
-                  ADEChallengeData2016 directory (`data_dir`): images/{training,validation}/*.jpg and
-                  annotations/{training,validation}/*.png with 0 = "other" (ignored) and 1..150 the classes. This is
-                  the label set of the published numbers (DINOv2 and ViMoE linear-head mIoU). Splits "train" (20210),
-                  "validation" (2000).
-  scene_parse150  The same images through `tfds.data_source('scene_parse150')`. NOTE: tfds builds this dataset from
-                  the 2017 challenge's *instance* annotations (annotations_instance.tar): the PNGs have 3 channels, the
-                  red channel holds the category of the instance-segmentation track (0 = none), not the 150
-                  scene-parsing classes. We read the red channel as the class (0 ignored), so numbers on it are NOT
-                  comparable to the 150-class benchmark; use `ade20k` for those. Splits "train", "test" (the 2000
-                  validation images).
-
-Training (ADE20K, mmsegmentation's recipe that DINOv2 and ViMoE use): resize keeping the aspect ratio to fit
-(4 * crop_size * r, crop_size * r) with r ~ U(scale_range) (crop 512: the (2048, 512) scale), a random
-crop_size x crop_size crop (padded with ignored pixels when the image is smaller), a horizontal flip with
-probability 1/2. Evaluation: the image at its ORIGINAL resolution, one image per batch, padded at the bottom/right
-with ignored pixels up to a multiple of `eval_pad_multiple` (at least crop_size) so that few shapes compile; the
-task then runs a sliding window over it (vimoe.models.segmentation.sliding_window_logits).
-
-Config keys (defaults in `_DEFAULTS`): name, mean, std, augment, num_workers, data_dir, crop_size, scale_range,
-eval_pad_multiple, eval_stride (sliding-window stride, default 2/3 of crop_size); digit_canvas also canvas_size, digit_size, digits_per_canvas (min, max), ink_threshold,
-num_eval_canvases.
+Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Semantic segmentation'.
 """
 
 from __future__ import annotations
@@ -118,9 +89,7 @@ def _check_split(name: str, split: str) -> None:
     raise ValueError(f"{name} split={split!r} is unknown; valid: {', '.join(_SPLITS[name])}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Digit canvases
-# ---------------------------------------------------------------------------------------------------------------
 
 def compose_canvas(pool_images: np.ndarray, pool_labels: np.ndarray, rng: np.random.Generator, *, canvas_size: int,
                    digits_per_canvas: tuple[int, int], ink_threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -182,9 +151,7 @@ class CanvasEval(grain.transforms.Map, _CanvasMaker):
     return self.make(np.random.default_rng([EVAL_CANVAS_SEED, int(element)]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # ADE20K
-# ---------------------------------------------------------------------------------------------------------------
 
 def ade20k_prepare_instructions(data_dir: str | None) -> str:
   return (
@@ -316,9 +283,7 @@ class AdeEval(grain.transforms.Map, _AdeOptions):
     return self.finish(image, label)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The pipeline
-# ---------------------------------------------------------------------------------------------------------------
 
 def num_examples(config, split: str) -> int:
   cfg = resolve_config(config)

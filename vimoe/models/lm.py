@@ -24,32 +24,7 @@ caches keys and values [B, L, h, d]; UMoE caches its keys [B, L, dk] and the raw
 (pre-mixing) or every expert's output on them [B, L, E, D] (post-mixing). `generate(model, prompt, n, ...)`
 samples with the cache.
 
-Model config keys (`build_lm(config)`; ml_collections.ConfigDict or dict):
-  name               "transformer" | "umoe"
-  vocab_size         256 (bytes)
-  dim, depth, num_heads, mlp_dim     sizes (required); mlp_dim is the dense MLP width
-  max_length         1024: the context: the learned position table, and with RoPE the attention window (a token
-                     attends to itself and the max_length - 1 tokens before it), so sampling past the
-                     training length stays within the trained relative distances; default cache length
-  positions          "rope" (default) | "learned"
-  rope_base          10000.0
-  tie_embeddings     False: True computes logits with the input embedding matrix (no separate head)
-  mlp_activation     "gelu" (default), "gelu_exact", "relu", "prelu", "swiglu" (dense MLP and experts)
-  norm               "rmsnorm" (default) | "layernorm";   norm_eps 1e-6
-  dropout            0.0: on the embeddings and on both residual branches (training only)
-  dtype              "float32" | "bfloat16": computation dtype; parameters and logits stay float32
-  umoe_mixing        "pre" (default) | "post"                                   (name "umoe" only, like below)
-  umoe_attn_k        2: experts per token in the attention sub-layer
-  umoe_query_rank    16: rank r of the per-expert query term (0: every expert uses x W_q)
-  umoe_key_dim       64: dk, the query/key width
-  umoe_attn_shared_expert   True: the attention's always-on shared expert
-  moe                sub-config:
-    layers             MoE blocks (UMoE blocks for name "umoe"): "none" (transformer default), "every:1" (umoe
-                       default), "last:L", "every:n", or a list of 0-based indices (see `vit.parse_moe_layers`)
-    num_experts (8), k (1), hidden_dim (None: mlp_dim; the expert width), router ("top_k"; also "noisy_top_k",
-    "prototype", "hash"), capacity_factor (None: dropless), dispatch ("gather"), num_shared_experts (0),
-    normalize_gates (False), balance_weight, importance_weight, z_loss_weight, load_weight (0.0) -- fields of
-    `moe.MoeConfig` (with causal=True). The UMoE attention router is always "top_k" and uses the same loss weights.
+Model config keys: docs/models.md, 'Transformer LM and UMoE'.
 
 Call: `logits, aux = model(tokens, deterministic=...)`, tokens int32 [B, T] -> logits float32 [B, T, V];
 aux = {"losses": {name: sum over blocks}, "metrics": {"block{i}": FFN MoE metrics, "block{i}_attn": UMoE
@@ -114,9 +89,7 @@ class LMConfig:
     return self.moe_hidden_dim or self.mlp_dim
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Config parsing and validation: every error names the key, the value and what is valid.
-# ---------------------------------------------------------------------------------------------------------------
 
 SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim")
 UMOE_KEYS = ("umoe_mixing", "umoe_attn_k", "umoe_query_rank", "umoe_key_dim", "umoe_attn_shared_expert")
@@ -202,9 +175,7 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
   return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim, **resolved)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Positions and attention weights (pure functions)
-# ---------------------------------------------------------------------------------------------------------------
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
   """Rotary position embedding. x [B, T, ..., d] (any head axes between T and d), positions [T] int.
@@ -237,9 +208,7 @@ def _write_cache(buffer: jax.Array, new: jax.Array, start) -> jax.Array:
   return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), index)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Modules
-# ---------------------------------------------------------------------------------------------------------------
 
 _init = jax.nn.initializers.normal(0.02)  # GPT-2 initialisation for embeddings and projections
 
@@ -534,9 +503,7 @@ def build_lm(config, *, rngs: nnx.Rngs | None = None) -> LanguageModel:
   return LanguageModel(lm_config(config), rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Sampling with the cache
-# ---------------------------------------------------------------------------------------------------------------
 
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k: int | None = None):
   """logits [B, V] -> token ids [B]: greedy when temperature == 0, else softmax(logits / temperature) restricted

@@ -37,23 +37,7 @@ Call: `logits, aux = model(tokens, deterministic=...)` with tokens int32 [B, T];
 aux = {"losses": {"importance": ..., "load": ...} (weighted, only non-zero weights),
        "metrics": {"block1": metrics of the MoE layer}} -- the key is the MoE's index in `model.blocks`.
 
-Model config keys (`build_lstm_lm(config)`; config an ml_collections.ConfigDict or a dict; unknown keys refused):
-  name          "lstm_moe" (lets the task pick the model family)
-  vocab_size    V, softmax outputs (>= the tokenizer's vocabulary). Default 256 (bytes).
-  dim           D: embedding, LSTM units, MoE input and output. Default 512.
-  dropout       DropProb after every layer but the softmax. Default 0.1 (MoE-256; 0.2 for MoE-1024-h/4096-h).
-  forget_bias   initial forget-gate bias. Default 1.0.
-  moe           sub-config:
-    type              "flat" (default) | "hierarchical"
-    hidden_dim        expert hidden layer. Default 1024.
-    num_experts, k    flat: experts and experts per token. Defaults 256, 4.
-    num_groups, experts_per_group, k_primary, k_secondary
-                      hierarchical: a groups of b experts, k at each level. Defaults 16, 256, 2, 2 (MoE-4096-h).
-    importance_weight, load_weight   w_importance, w_load. Defaults 0.1, 0.1.
-    capacity_factor   None (default: no token is dropped), or a factor (vimoe.moe.MoeLayer) only with one expert
-                      per token: with more, capacity priority (all first choices first) would not be causal.
-    dispatch          "gather" (default) | "einsum".
-    group_size        tokens per routing group; None (default) = one group per sequence.
+Model config keys: docs/models.md, 'LSTM-MoE'.
 """
 
 from __future__ import annotations
@@ -153,9 +137,7 @@ def lstm_config(config) -> LstmMoeConfig:
   return resolved
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # LSTM
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def lstm_scan(input_projection: jax.Array, recurrent_kernel: jax.Array) -> jax.Array:
@@ -196,9 +178,7 @@ class LSTM(nnx.Module):
     return lstm_scan(projected, self.recurrent_kernel[...])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Blocks and model
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _dropout(rate: float, rngs: nnx.Rngs):

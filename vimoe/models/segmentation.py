@@ -206,9 +206,7 @@ def build_segmenter(config, *, rngs: nnx.Rngs | None = None) -> Segmenter:
   return Segmenter(backbone, head, int(num_classes), rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Sliding-window inference (mmsegmentation's "slide" mode)
-# ---------------------------------------------------------------------------------------------------------------
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
   """Start offsets of windows of `crop` every `stride` along a side of `size`, the last flush with the end."""

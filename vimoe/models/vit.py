@@ -14,37 +14,7 @@ A block is pre-norm with LayerScale on both residual branches (DINOv2):
     x = x + ls1 * attn(norm1(x));   x = x + ls2 * mlp(norm2(x))
 where `mlp` is a dense MLP or, in the blocks chosen by `moe.layers`, a `vimoe.moe.MoeLayer`.
 
-Model config keys (`build_vit(config)`, config an ml_collections.ConfigDict or a dict; every key optional):
-  name               ignored here (lets a trainer pick the model family)
-  variant            "S/14" "B/14" "L/14" "g/14" (DINOv2) or "Ti/16" "S/16" "S/32" "B/16" "B/32" "L/16" (ViT /
-                     V-MoE); sets dim, depth, num_heads, mlp_dim, patch_size (and mlp_activation for g/14,
-                     layerscale_init 1e-5 for DINOv2 sizes). None: give the sizes explicitly.
-  image_size         int or (height, width), default 224: the position-embedding grid is image_size // patch_size.
-                     Other resolutions work at call time (bicubic interpolation of the patch positions).
-  patch_size, dim, depth, num_heads, mlp_dim    explicit sizes (must agree with `variant` when both are given)
-  num_classes        classification head outputs, default 1000; 0: no head, the call returns pooled features
-  num_registers      DINOv2-reg register tokens, default 0
-  layerscale_init    LayerScale gamma init value, or None for no LayerScale
-  mlp_activation     "gelu_exact" (erf GELU, torch nn.GELU, DINOv2; default), "gelu" (tanh approximation), "relu",
-                     "swiglu" (DINOv2 g/14: fc2(silu(fc_gate(x)) * fc1(x)))
-  classifier         "cls": head on the class token (default); "cls+mean": on [class token, mean patch token]
-                     (DINOv2 linear evaluation)
-  head_zero_init     True (default): the head starts at zero (fine-tuning from a pretrained backbone)
-  drop_path_rate     stochastic depth, rising linearly from 0 in block 0 to this value in the last block
-  posemb_interpolation         "bicubic" (torch bicubic, HF Dinov2Model; default) or "bicubic_antialias"
-                               (torch antialias=True, HF Dinov2WithRegistersModel and the DINOv2-reg hub models)
-  posemb_interpolation_offset  0.0 (HF); 0.1 reproduces the original DINOv2 hub code (scale (n + 0.1) / M)
-  layer_norm_eps     1e-6
-  dtype              "float32" (default) or "bfloat16": computation dtype; parameters stay float32
-  moe                sub-config:
-    layers             where the MoE blocks are: "none" (default), "last:L" (the last L blocks; ViMoE's l=1 is the
-                       last block), "every:n" (every n-th block counted back from the last one, V-MoE), or a list of
-                       0-based block indices (also as a string "3,7")
-    num_experts (8), k (1), router ("top_k"), capacity_factor (1.25; None: never drop), dispatch ("einsum"),
-    group_size (None), route_per ("item": one decision per image, taken on the class token as in ViMoE; "token"
-    for dense tasks), num_shared_experts (0), normalize_gates (False), balance_weight, importance_weight,
-    z_loss_weight, load_weight (0.0), batch_priority (False), slots_per_expert (1, router "soft")
-    -- fields of `vimoe.moe.MoeConfig`; experts use the model's `mlp_activation`.
+Model config keys: docs/models.md, 'ViT and ViMoE'.
 
 Call: `logits, aux = model(images, deterministic=...)` with images float [B, H, W, 3] (normalised);
 aux = {"losses": {name: sum over MoE blocks}, "metrics": {"block{i}": MoeAux.metrics of block i}}.
@@ -126,9 +96,7 @@ class ViTConfig:
     return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Config parsing and validation: every error names the key, the value and what is valid.
-# ---------------------------------------------------------------------------------------------------------------
 
 MODEL_KEYS = ("name", "variant", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_dim", "num_classes",
               "num_registers", "layerscale_init", "mlp_activation", "classifier", "head_zero_init",
@@ -200,9 +168,7 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
   return ViTConfig(moe_layers=moe_layers, moe=moe_config, **resolved)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Modules
-# ---------------------------------------------------------------------------------------------------------------
 
 _linear_init = jax.nn.initializers.truncated_normal(0.02)  # DINOv2 / timm ViT initialisation
 

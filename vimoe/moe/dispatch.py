@@ -94,7 +94,6 @@ def gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, capacity:
   return combine_from_buffers(expert_out, position, a.weight)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Dropless: a balanced batched part plus an overflow block loop.
 
 def _take_expert(params, e):

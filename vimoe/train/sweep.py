@@ -39,9 +39,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 MAX_NAME = 200
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Loading a config module and its sweep
-# ---------------------------------------------------------------------------------------------------------------
 
 def split_config_spec(spec: str) -> tuple[str, str | None]:
   """'configs/x.py:ARG' -> ('configs/x.py', 'ARG'); 'configs/x.py' -> ('configs/x.py', None). Splits at the first
@@ -86,9 +84,7 @@ def sweep_points(module, arg=None) -> list[dict]:
   return [dict(point) for point in points]
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Point names and overrides
-# ---------------------------------------------------------------------------------------------------------------
 
 def point_name(overrides: dict) -> str:
   """'short=value,...' in the dict's order, made safe for a directory name; 'base' for no overrides. Names longer
@@ -179,9 +175,7 @@ def train_commands(config_spec: str, root, points: list[dict], base_overrides: d
   return commands
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Running
-# ---------------------------------------------------------------------------------------------------------------
 
 def is_finished(workdir, config) -> bool:
   """True when metrics.jsonl holds the evaluation line of the final step (train_and_evaluate writes it last)."""
@@ -236,9 +230,7 @@ def run_sweep(module, arg, root, points: list[dict], base_overrides: dict | None
   return summary
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Collecting (vimoe/analysis/sweep_report.py), with the models built by their tasks
-# ---------------------------------------------------------------------------------------------------------------
 
 def abstract_model(config):
   """The model of a config (a dict, e.g. a workdir's config.json, or a ConfigDict) as its task builds it,

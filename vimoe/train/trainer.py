@@ -86,7 +86,6 @@ def validate_config(config) -> None:
                      f"{config.total_steps!r}; set both (configs use a FieldReference so they follow each other)")
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The workdir: path checks, the lock, the config on record.
 
 def check_workdir(workdir: pathlib.Path) -> None:
@@ -227,7 +226,6 @@ def reconcile_config(config, workdir: pathlib.Path) -> dict:
   return changes
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Metrics.
 
 class MetricWriter:
@@ -289,7 +287,6 @@ class MetricWriter:
       self.tensorboard.close()
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints.
 
 def _checkpoint_manager(workdir: pathlib.Path, config, read_only: bool = False) -> ocp.CheckpointManager:
@@ -366,7 +363,6 @@ def _restore_newest_good(workdir, config, model, optimizer, train_data):
   return manager, 0, iter(train_data)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Model, mesh, batches.
 
 def build_mesh(config):
@@ -458,7 +454,6 @@ def evaluate(task, model, config, eval_step=None, mesh=None) -> dict:
   return task.summarize(sums)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # The train step.
 
 def _all_finite(tree) -> jax.Array:
