@@ -113,8 +113,8 @@ class MoeLayer(nnx.Module):
     """Routing units: (payload [G,S,U*D], router features [G,S,D] f32, token ids [G,S] or None, U,
     valid [G,S] bool or None). An item (route_per="item") is valid when any of its tokens is."""
     B, T, D = x.shape
-    check_mask(mask, B, T)
     if self.route_per == "item":
+      check_mask(mask, B, T)  # (token routing checks it in group_tokens)
       if router_input is None:
         router_input = jnp.mean(x.astype(jnp.float32), axis=1)   # [B,D] the item's mean token
       elif router_input.shape != (B, D):
