@@ -15,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
+from vimoe.moe.dispatch import GROUPED_MATMULS
 from vimoe.moe.experts import check_activation
 
 DISPATCHES = ("einsum", "gather")
@@ -51,6 +52,8 @@ class MoeConfig:
   importance_weight, load_weight: Shazeer 2017 losses (load only for noisy_top_k); balance_weight: Switch/GShard
     balance loss; z_loss_weight: router z-loss.
   block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
+  grouped_matmul: how the dropless path runs its experts: "block_loop" (balanced batch + overflow blocks),
+    "ragged_dot" (one grouped matmul per weight) or "auto" (block_loop on CPU, ragged_dot on gpu/tpu).
   """
   num_experts: int = 8
   k: int = 1
@@ -70,6 +73,7 @@ class MoeConfig:
   balance_weight: float = 0.0
   z_loss_weight: float = 0.0
   block_size: int | None = None
+  grouped_matmul: str = "auto"
 
   @classmethod
   def from_dict(cls, given: Mapping | None, *, defaults: MoeConfig | None = None, prefix: str = "",
@@ -99,6 +103,7 @@ class MoeConfig:
     choose("router", self.router, ROUTERS)
     choose("dispatch", self.dispatch, DISPATCHES)
     choose("route_per", self.route_per, ROUTE_PER)
+    choose("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
     check_activation(self.activation)
     router = ROUTERS[self.router]
     E, k = self.num_experts, self.k

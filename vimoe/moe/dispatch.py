@@ -2,7 +2,7 @@
 
 Three dispatchers, all taking `expert_fn(x [E, N, M]) -> [E, N, M]` that runs expert e on row block e:
 `einsum_moe` (GShard one-hot tensors), `gather_moe` (slot indices, same output) and `dropless_moe` (no capacity,
-block-sorted overflow). What each computes and costs: docs/design.md, 'Capacity and dispatch'.
+block-sorted overflow); `ragged_moe` is the dropless computation with grouped matmuls (`lax.ragged_dot`). What each computes and costs: docs/design.md, 'Capacity and dispatch'.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vimoe.moe.experts import expert_mlp
 from vimoe.moe.routing import Assignment
 
 ExpertFn = Callable[[jax.Array], jax.Array]
@@ -156,7 +157,7 @@ def default_overflow_block_size(num_assignments: int, num_experts: int) -> int:
 
 def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int, params,
                  block_fn: Callable, block_size: int | None = None,
-                 base_capacity: int | None = None) -> jax.Array:
+                 base_capacity: int | None = None, valid: jax.Array | None = None) -> jax.Array:
   """No-drop MoE. x [N,M]; expert_index, gates [N,K]; params with leading E; block_fn(params_e, [B,M]) -> [B,M].
 
   Assignments are ranked within their expert. The first `base_capacity` (default: the mean load A/E) of each
@@ -164,6 +165,8 @@ def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_ex
   sorted by expert into blocks of `block_size` rows (each expert's overflow padded to whole blocks) that a loop
   with a dynamic trip count runs. Work: E*C0 + overflow + at most one partial block per overflowing expert, so
   about K x tokens for balanced routing and at most about twice that for any routing, with static shapes.
+  `valid` [N,K] bool (optional): False marks an empty row (the expert-parallel receive buffer's padding); it
+  takes no rank, is never computed and contributes zero.
   """
   N, K = expert_index.shape
   M = x.shape[-1]
@@ -172,6 +175,8 @@ def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_ex
   C0 = A // E if base_capacity is None else base_capacity
   B = default_overflow_block_size(A, E) if block_size is None else block_size
   flat_expert = expert_index.reshape(A)
+  if valid is not None:
+    flat_expert = jnp.where(valid.reshape(A), flat_expert, E)          # empty rows sort last and count for none
   order = jnp.argsort(flat_expert, stable=True)                       # assignments sorted by expert
   counts = jnp.bincount(flat_expert, length=E)
   first_sorted = jnp.cumsum(counts) - counts
@@ -187,7 +192,10 @@ def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_ex
   in_buffer = rank < C0
   position = jnp.where(in_buffer, flat_expert * C0 + rank,
                        E * C0 + segment_start[flat_expert] + rank - C0)     # row in [buffers; overflow]
-  row_token = jnp.full(E * C0 + num_rows, N, jnp.int32).at[position].set(jnp.arange(A, dtype=jnp.int32) // K)
+  if valid is not None:
+    position = jnp.where(valid.reshape(A), position, E * C0 + num_rows)  # past every row: scattered nowhere
+  row_token = jnp.full(E * C0 + num_rows, N, jnp.int32).at[position].set(jnp.arange(A, dtype=jnp.int32) // K,
+                                                                         mode="drop")
   x_padded = jnp.concatenate([x, jnp.zeros((1, M), x.dtype)], axis=0)
   rows = x_padded[row_token]                                           # [E*C0 + R, M]
   buffer_out = jax.vmap(block_fn)(params, rows[:E * C0].reshape(E, C0, M)).reshape(E * C0, M)
@@ -198,4 +206,58 @@ def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_ex
                                  (jnp.sum(padded) // B).astype(jnp.int32))
   out_rows = jnp.concatenate([buffer_out, overflow_out], axis=0)
   gathered = out_rows[position].reshape(N, K, M)
+  if valid is not None:
+    gathered = jnp.where(valid[..., None], gathered, 0)
   return jnp.einsum("NK,NKM->NM", gates.astype(x.dtype), gathered)
+
+
+# Dropless with grouped matmuls: assignments sorted by expert, one `lax.ragged_dot` per weight matrix.
+
+GROUPED_MATMULS = ("auto", "block_loop", "ragged_dot")
+_MATRICES = ("w_in", "w_gate", "w_out")
+
+
+def resolve_grouped_matmul(grouped_matmul: str) -> str:
+  """"auto" -> "block_loop" on CPU (ragged_dot measured slower there, docs/benchmarks.md), "ragged_dot" on
+  gpu/tpu (not yet measured); other names unchanged."""
+  if grouped_matmul not in GROUPED_MATMULS:
+    raise ValueError(f"grouped_matmul={grouped_matmul!r} is not valid; choose one of: "
+                     f"{', '.join(map(repr, GROUPED_MATMULS))}")
+  if grouped_matmul == "auto":
+    return "block_loop" if jax.default_backend() == "cpu" else "ragged_dot"
+  return grouped_matmul
+
+
+def grouped_expert_mlp(params: dict, rows: jax.Array, group_sizes: jax.Array, row_expert: jax.Array,
+                       activation: str) -> jax.Array:
+  """rows [R,M] sorted by expert, group_sizes [E], row_expert [R] -> [R,M]: expert e on its group of rows.
+
+  Weight matrices go through `lax.ragged_dot`; biases (and the PReLU slope) are gathered per row. Rows past
+  sum(group_sizes) get only the biases' terms (callers ignore them)."""
+  per_row = {name: w if name in _MATRICES else w[row_expert] for name, w in params.items()}
+  dot = lambda x, w: lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+  return expert_mlp(per_row, rows, activation, dot=dot)
+
+
+def ragged_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int, params,
+               activation: str, valid: jax.Array | None = None) -> jax.Array:
+  """No-drop MoE with grouped matmuls; arguments and result as `dropless_moe` (activation names the MLP).
+
+  The A = N*K assignments are sorted by expert (empty ones, `valid` False, last), their rows gathered into one
+  [A, M] array and run through `grouped_expert_mlp`: every assignment is computed once, no padding, no loop.
+  """
+  N, K = expert_index.shape
+  M = x.shape[-1]
+  E = num_experts
+  A = N * K
+  flat_expert = expert_index.reshape(A)
+  if valid is not None:
+    flat_expert = jnp.where(valid.reshape(A), flat_expert, E)
+  order = jnp.argsort(flat_expert, stable=True)                       # assignments sorted by expert
+  group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)  # (empty rows, index E, count for none)
+  sorted_out = grouped_expert_mlp(params, x[order // K], group_sizes, jnp.minimum(flat_expert[order], E - 1),
+                                  activation)                          # [A, M] in sorted order
+  out = jnp.zeros_like(sorted_out).at[order].set(sorted_out).reshape(N, K, M)
+  if valid is not None:
+    out = jnp.where(valid[..., None], out, 0)
+  return jnp.einsum("NK,NKM->NM", gates.astype(x.dtype), out)

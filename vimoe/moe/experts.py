@@ -31,9 +31,16 @@ def check_activation(activation: str) -> None:
     raise ValueError(f"activation={activation!r} is not known; valid: {', '.join(ACTIVATIONS)}")
 
 
-def expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:
-  """One expert (no leading E axis on `params`): x [N, D] -> [N, D]."""
-  pre = x @ params["w_in"].astype(x.dtype) + params["b_in"].astype(x.dtype)  # [N, H]
+def _matmul(x, w):
+  return x @ w.astype(x.dtype)
+
+
+def expert_mlp(params: dict, x: jax.Array, activation: str, dot=_matmul) -> jax.Array:
+  """One expert (no leading E axis on `params`): x [N, D] -> [N, D].
+
+  `dot(x, w)` multiplies by a weight matrix; the grouped form (vimoe/moe/dispatch.py, `grouped_expert_mlp`)
+  passes a `ragged_dot` and biases gathered per row ([N, H], [N, D]), which broadcast like the per-expert ones."""
+  pre = dot(x, params["w_in"]) + params["b_in"].astype(x.dtype)  # [N, H]
   if activation == "gelu":
     hidden = jax.nn.gelu(pre)
   elif activation == "gelu_exact":
@@ -43,10 +50,10 @@ def expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:
   elif activation == "prelu":
     hidden = jnp.where(pre >= 0, pre, params["slope"].astype(x.dtype) * pre)
   elif activation == "swiglu":
-    hidden = jax.nn.silu(x @ params["w_gate"].astype(x.dtype)) * pre
+    hidden = jax.nn.silu(dot(x, params["w_gate"])) * pre
   else:
     check_activation(activation)
-  return hidden @ params["w_out"].astype(x.dtype) + params["b_out"].astype(x.dtype)  # [N, D]
+  return dot(hidden, params["w_out"]) + params["b_out"].astype(x.dtype)  # [N, D]
 
 
 def stacked_expert_mlp(params: dict, x: jax.Array, activation: str) -> jax.Array:

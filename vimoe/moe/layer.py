@@ -164,7 +164,8 @@ class MoeLayer(nnx.Module):
                                         valid=valid)
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)  # -1: dropless
     y = self.router.run_experts(self.experts, units, routed, dispatch=config.dispatch, capacity=capacity,
-                                tokens_per_unit=tokens_per_unit, block_size=config.block_size)
+                                tokens_per_unit=tokens_per_unit, block_size=config.block_size,
+                                grouped_matmul=config.grouped_matmul)
     y = y.reshape(B, T, D)
     if self.shared is not None:
       y = y + self.shared.apply_all(x)
@@ -249,7 +250,7 @@ class HierarchicalMoeLayer(nnx.Module):
     capacity = routing_capacity(config.dispatch, config.capacity_factor, S, E, kp * ks)
     assignment = routing.assign_slots(expert_index, gates, E, capacity, valid=valid)
     y = run_experts(self.experts, units, assignment, dispatch=config.dispatch, capacity=capacity,
-                    tokens_per_unit=1, block_size=config.block_size)
+                    tokens_per_unit=1, block_size=config.block_size, grouped_matmul=config.grouped_matmul)
     # Appendix B losses.
     metrics = losses_lib.token_choice_metrics(None, None, expert_index, gates, assignment.kept, E, valid)
     if valid is not None:  # padding adds nothing to importance or load

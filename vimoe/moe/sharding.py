@@ -47,14 +47,16 @@ def data_axis_or_none(mesh):
   return DATA_AXIS if DATA_AXIS in mesh.axis_names else None
 
 
-def check_divisible(mesh, num_groups: int, num_experts: int) -> None:
+def check_divisible(mesh, num_groups: int, num_experts: int, what: str | None = None) -> None:
+  """Raises a ValueError unless `num_groups` (rows: `what` names them) splits over the token axes and
+  `num_experts` over 'expert'."""
   groups_split = 1
   for axis in token_axes(mesh):
     groups_split *= mesh.shape[axis]
   if num_groups % groups_split:
-    raise ValueError(f"the batch forms {num_groups} routing groups, which cannot be split over the "
-                     f"{groups_split} devices of mesh axes {token_axes(mesh)}; choose group_size (or the batch "
-                     "size) so the number of groups is a multiple of that")
+    what = what or f"the batch forms {num_groups} routing groups, which"
+    raise ValueError(f"{what} cannot be split over the {groups_split} devices of mesh axes {token_axes(mesh)}; "
+                     "choose group_size (or the batch size) so that it is a multiple of that")
   if num_experts % mesh.shape[EXPERT_AXIS]:
     raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's 'expert' axis of size "
                      f"{mesh.shape[EXPERT_AXIS]}")
@@ -98,12 +100,83 @@ def sharded_gather_moe(x: jax.Array, assignment: Assignment, num_experts: int, c
                        out_specs=groups)(x, a.expert_index, a.slot, a.weight, a.kept, params)
 
 
+def local_dropless(x, expert_index, gates, num_experts: int, params: dict, activation: str, grouped_matmul: str,
+                   block_size: int | None, base_capacity: int | None = None, valid=None) -> jax.Array:
+  """The dropless computation on one device: x [N,M], expert_index and gates [N,K] -> [N,M], with the block loop
+  (`dispatch.dropless_moe`) or grouped matmuls (`dispatch.ragged_moe`), `grouped_matmul` resolved already."""
+  if grouped_matmul == "ragged_dot":
+    return dispatch_lib.ragged_moe(x, expert_index, gates, num_experts, params, activation, valid)
+  return dispatch_lib.dropless_moe(x, expert_index, gates, num_experts, params,
+                                   lambda p, xb: expert_mlp(p, xb, activation), block_size, base_capacity, valid)
+
+
+def sharded_dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int, params: dict,
+                         activation: str, grouped_matmul: str, block_size: int | None, mesh) -> jax.Array:
+  """Dropless expert parallelism: x [N,D], expert_index and gates [N,K] -> [N,D], inside `jax.shard_map`.
+
+  Rows are split over all devices ('data', 'expert'), expert weights stay on their 'expert' shard (never
+  gathered; the transpose of shard_map sums their gradients over 'data'). On each device, with n = the 'expert'
+  axis size, E_l = E / n local experts and A_l = N_l * K local assignments:
+
+  1. the assignments are sorted by expert, hence by destination device (expert e lives on device e // E_l) and
+     by local expert within it; an all-to-all of the [n, E_l] per-expert counts tells every device what it gets;
+  2. the rows go out in a padded all-to-all whose buffer holds A_l rows per destination: the worst case (all of
+     a device's assignments to one device), so no row is ever dropped, at the price of send and receive buffers
+     of n * A_l rows each (n times the rows actually moved; the exchange moves that many bytes too, since XLA:CPU
+     has no `ragged_all_to_all`);
+  3. the local experts run on the received rows, sorted by local expert (`local_dropless` with the empty rows
+     marked: the block loop computes only real rows, with base capacity A_l / E_l, the balanced load);
+  4. the inverse all-to-all brings each result back to its row, for the gate-weighted sum.
+  """
+  E, (N, K), M = num_experts, expert_index.shape, x.shape[-1]
+  check_divisible(mesh, N, E, what=f"the dropless path's {N} token rows")
+  n = mesh.shape[EXPERT_AXIS]
+  E_local = E // n
+  rows_spec = P(token_axes(mesh))
+  experts_spec = jax.tree.map(lambda _: P(EXPERT_AXIS), params)
+
+  other_axes = tuple(axis for axis in token_axes(mesh) if axis != EXPERT_AXIS)
+
+  def local(x, expert_index, gates, params):
+    if other_axes:  # the weights meet rows that differ over 'data'; pcast's transpose sums their gradients there
+      params = jax.tree.map(lambda w: jax.lax.pcast(w, other_axes, to="varying"), params)
+    N_local = x.shape[0]
+    A = N_local * K
+    cap = A                                                                # rows per destination: worst case
+    flat_expert = expert_index.reshape(A)
+    order = jnp.argsort(flat_expert, stable=True)                         # by expert = by (destination, local)
+    expert_counts = jnp.bincount(flat_expert, length=E).astype(jnp.int32)  # [E]
+    dest_counts = expert_counts.reshape(n, E_local).sum(1)
+    dest = flat_expert[order] // E_local
+    rank = jnp.arange(A, dtype=jnp.int32) - (jnp.cumsum(dest_counts) - dest_counts)[dest]
+    position = jnp.zeros(A, jnp.int32).at[order].set(dest * cap + rank)  # send-buffer row of each assignment
+    send_token = jnp.full(n * cap, N_local, jnp.int32).at[position].set(jnp.arange(A, dtype=jnp.int32) // K)
+    send = jnp.concatenate([x, jnp.zeros((1, M), x.dtype)], axis=0)[send_token]                # [n*cap, M]
+    received = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)   # [n*cap, M], source-major
+    received_counts = jax.lax.all_to_all(expert_counts.reshape(n, E_local), EXPERT_AXIS, 0, 0,
+                                         tiled=True)                       # [n sources, E_l]
+    ends = jnp.cumsum(received_counts, axis=1)                             # [n, E_l]
+    q = jnp.arange(cap, dtype=jnp.int32)
+    row_expert = jax.vmap(lambda e: jnp.searchsorted(e, q, side="right"))(ends).reshape(n * cap, 1)
+    row_valid = (q[None, :] < ends[:, -1:]).reshape(n * cap, 1)
+    ones = jnp.ones((n * cap, 1), x.dtype)
+    out = local_dropless(received, jnp.minimum(row_expert, E_local - 1), ones, E_local, params, activation,
+                         grouped_matmul, block_size or dispatch_lib.default_overflow_block_size(A, E_local),
+                         A // E_local, row_valid)
+    back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0, tiled=True)         # [n*cap, M], destination-major
+    return jnp.einsum("NK,NKM->NM", gates.astype(x.dtype), back[position].reshape(N_local, K, M))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec, rows_spec, rows_spec, experts_spec),
+                       out_specs=rows_spec)(x, expert_index, gates, params)
+
+
 def run_experts(experts: Experts, units: jax.Array, assignment: Assignment, *, dispatch: str,
-                capacity: int | None, tokens_per_unit: int, block_size: int | None):
+                capacity: int | None, tokens_per_unit: int, block_size: int | None, grouped_matmul: str = "auto"):
   """Send units [G,S,U*D] (U tokens per routed unit) to `experts` as `assignment` says -> [G,S,U*D].
 
-  Under a mesh with an 'expert' axis (`with jax.set_mesh(mesh):`), groups are split over ('data', 'expert') and
-  expert buffers over 'expert'; without one, everything runs on one device.
+  Under a mesh with an 'expert' axis (`with jax.set_mesh(mesh):`), groups (dropless: token rows) are split over
+  ('data', 'expert') and expert buffers over 'expert'; without one, everything runs on one device.
+  grouped_matmul: the dropless path's local compute (`MoeConfig.grouped_matmul`).
   """
   G, S, payload = units.shape
   E = experts.num_experts
@@ -114,12 +187,16 @@ def run_experts(experts: Experts, units: jax.Array, assignment: Assignment, *, d
     return experts(t.reshape(E, -1, D)).reshape(t.shape)
 
   if capacity is None and dispatch == "gather":
-    # Dropless: expand item decisions to their tokens, balanced batched share + overflow blocks. Under a mesh the
-    # partitioner runs it with the expert weights gathered (no expert parallelism for this path).
+    # Dropless: expand item decisions to their tokens; block loop or grouped matmuls, expert-parallel on a mesh.
     index = jnp.repeat(assignment.expert_index.reshape(G * S, -1), tokens_per_unit, axis=0)
     gates = jnp.repeat(assignment.weight.reshape(G * S, -1), tokens_per_unit, axis=0)
-    out = dispatch_lib.dropless_moe(units.reshape(-1, D), index, gates, E, experts.params_dict(),
-                                    lambda p, xb: expert_mlp(p, xb, experts.activation), block_size)
+    method = dispatch_lib.resolve_grouped_matmul(grouped_matmul)
+    if mesh is None:
+      out = local_dropless(units.reshape(-1, D), index, gates, E, experts.params_dict(), experts.activation, method,
+                           block_size)
+    else:
+      out = sharded_dropless_moe(units.reshape(-1, D), index, gates, E, experts.params_dict(), experts.activation,
+                                 method, block_size, mesh)
     return out.reshape(G, S, payload)
   slots = S if capacity is None else capacity
   if mesh is not None:
