@@ -5,8 +5,17 @@
     python scripts/benchmark.py vit [--batch 16 --image-size 224]
 
 `moe`: forward+backward time of one MoE layer per (dispatch, router, E, k, group size) against a dense MLP of the
-same active compute (hidden width k*H), their ratio, the compiled peak memory and tokens/s. Results go to
-docs/benchmarks.md by hand, with the command and the machine.
+same active compute (hidden width k*H), their ratio, the compiled peak memory and tokens/s; the dropless rows
+once per local compute (`grouped_matmul`: block_loop, ragged_dot). Results go to docs/benchmarks.md by hand,
+with the command and the machine.
+
+    python scripts/benchmark.py moe-mesh [--tokens 2048 --dim 64 --hidden 128 --experts 64 --k 2 --meshes 1x8,2x4]
+
+`moe-mesh`: on 8 fake CPU devices (the script sets XLA_FLAGS itself), per dispatch (einsum and gather with a
+capacity, dropless block_loop and ragged_dot, and the dropless path as it was before expert parallelism: the
+partitioner left to place it) and mesh, the compiled forward+backward's per-device memory (memory_analysis:
+temporaries + arguments) and collective bytes (operand bytes of every all-gather, all-to-all, all-reduce and
+reduce-scatter in the compiled HLO).
 `vit`: train-step time (forward, backward, AdamW update) of ViMoE-S/14 (MoE in the last 2 blocks, N=8, top-1,
 per-image routing, one shared expert) against the dense DINOv2 ViT-S/14, images/s and compiled peak memory.
 
@@ -24,10 +33,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import sys
 import time
 
-import jax
+if len(sys.argv) > 1 and sys.argv[1] == "moe-mesh" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -104,27 +117,97 @@ def bench_moe(args):
   configs = []
   for E in args.experts:
     for k in args.k:
-      configs.append(("gather", args.router, E, k, None, None))          # dropless
+      for grouped_matmul in args.grouped_matmul:
+        configs.append(("gather", args.router, E, k, None, None, grouped_matmul))          # dropless
       for group in args.group_sizes:
-        configs.append(("einsum", args.router, E, k, group, args.capacity_factor))
-      configs.append(("gather", args.router, E, k, args.group_sizes[0], args.capacity_factor))
+        configs.append(("einsum", args.router, E, k, group, args.capacity_factor, "auto"))
+      configs.append(("gather", args.router, E, k, args.group_sizes[0], args.capacity_factor, "auto"))
   header = ("| dispatch | router | E | k | group | cf | C | MoE ms | dense ms | ratio | peak MB | tokens/s |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")
   print(header, flush=True)
-  for dispatch, router, E, k, group, cf in configs:
+  for dispatch, router, E, k, group, cf, grouped_matmul in configs:
     layer = moe.MoeLayer(D, H, E, k, router=router, dispatch=dispatch, capacity_factor=cf, group_size=group,
-                         rngs=nnx.Rngs(0))
+                         grouped_matmul=grouped_matmul, rngs=nnx.Rngs(0))
     _, aux = layer(x)
     step, state, mem = compiled_fwd_bwd(layer, lambda m, x: m(x)[0], x, r)
     dense_step, dense_state, _ = dense[k]
     ms, dense_ms = time_interleaved(step, (state, x, r), dense_step, (dense_state, x, r), args.repeats)
     capacity = int(aux.metrics["capacity"])
-    row = (f"| {dispatch}{' dropless' if cf is None else ''} | {router} | {E} | {k} | {group or '-'} | "
+    row = (f"| {dispatch}{f' dropless {grouped_matmul}' if cf is None else ''} | {router} | {E} | {k} | {group or '-'} | "
            f"{cf or '-'} | {capacity if capacity >= 0 else '-'} | {ms:.1f} | {dense_ms:.1f} | "
            f"{ms / dense_ms:.2f} | {mem:.0f} | {T / ms * 1e3:,.0f} |")
     rows.append(row)
     print(row, flush=True)
   return rows
+
+
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter")
+DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+               "s8": 1, "u8": 1, "pred": 1}
+
+
+def type_bytes(hlo_type: str) -> int:
+  """Bytes of an HLO result type such as `f32[8,16]{1,0}` or a tuple of them."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", hlo_type):
+    total += DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+def collective_bytes(hlo: str) -> dict:
+  """{op: summed operand bytes} over the collectives of a compiled HLO module's text (async `-start` forms
+  counted once, `-done` not)."""
+  instruction = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(?:,|$)")
+  sizes, totals = {}, dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo.splitlines():
+    match = instruction.match(line)
+    if not match:
+      continue
+    name, result_type, op, operands = match.groups()
+    sizes[name] = type_bytes(result_type)
+    op = op.removesuffix("-start")
+    if op in totals:
+      totals[op] += sum(sizes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operands))
+  return totals
+
+
+def bench_moe_mesh(args):
+  """Per-device memory and collective bytes of the MoE layer's compiled forward+backward on fake-device meshes."""
+  from unittest import mock
+  from vimoe import parallel
+  if jax.device_count() < 8:
+    raise SystemExit(f"moe-mesh needs 8 devices, found {jax.device_count()}; run it as its own process "
+                     "(the script sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax)")
+  T, D, H, E, k = args.tokens, args.dim, args.hidden, args.experts, args.k
+  x = jax.random.normal(jax.random.PRNGKey(0), (T // args.seq_len, args.seq_len, D))
+  r = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  cases = [("einsum cf 1.25", dict(dispatch="einsum", capacity_factor=1.25), False),
+           ("gather cf 1.25", dict(dispatch="gather", capacity_factor=1.25), False),
+           ("dropless before EP (weights placed by the partitioner)",
+            dict(dispatch="gather", capacity_factor=None, grouped_matmul="block_loop"), True),
+           ("dropless block_loop", dict(dispatch="gather", capacity_factor=None, grouped_matmul="block_loop"), False),
+           ("dropless ragged_dot", dict(dispatch="gather", capacity_factor=None, grouped_matmul="ragged_dot"), False)]
+  print(f"# E={E}, k={k}, D={D}, H={H}, {T} tokens ({T // args.seq_len} x {args.seq_len}), group = sequence, "
+        "forward+backward wrt parameters and input, float32; MiB per device")
+  print("| mesh (data x expert) | dispatch | temp MiB | argument MiB | temp + argument MiB | all-gather MiB | "
+        "all-to-all MiB | all-reduce MiB | reduce-scatter MiB | collectives MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+  for data, expert in args.meshes:
+    mesh = parallel.make_mesh(data, expert, num_experts=E)
+    for name, options, before in cases:
+      layer = parallel.create_sharded(lambda: moe.MoeLayer(D, H, E, k, rngs=nnx.Rngs(0), **options), mesh)
+      graphdef, state = nnx.split(layer)
+      step = jax.jit(lambda s, x, r: jax.grad(
+          lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] * r), argnums=(0, 1))(s, x))
+      # "before": the layer as it ran before dropless expert parallelism, i.e. run_experts not told of the mesh.
+      patch = mock.patch.object(moe.sharding, "current_expert_mesh", lambda: None) if before else mock.MagicMock()
+      with jax.set_mesh(mesh), patch:
+        compiled = step.lower(state, x, r).compile()
+      memory = compiled.memory_analysis()
+      totals = collective_bytes(compiled.as_text())
+      mib = lambda b: f"{b / 2 ** 20:.2f}"
+      print(f"| {data}x{expert} | {name} | {mib(memory.temp_size_in_bytes)} | {mib(memory.argument_size_in_bytes)} | "
+            f"{mib(memory.temp_size_in_bytes + memory.argument_size_in_bytes)} | "
+            + " | ".join(mib(totals[op]) for op in COLLECTIVES) + f" | {mib(sum(totals.values()))} |", flush=True)
 
 
 def bench_vit(args):
@@ -247,6 +330,17 @@ def main(argv=None):
   p.add_argument("--capacity-factor", type=float, default=1.25)
   p.add_argument("--router", default="top_k", choices=moe.ROUTERS)
   p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (best of)")
+  p.add_argument("--grouped-matmul", type=lambda s: s.split(","), default=["block_loop", "ragged_dot"],
+                 help="the dropless rows' local computes (MoeConfig.grouped_matmul)")
+  p = sub.add_parser("moe-mesh", help="per-device memory and collective bytes of the MoE layer on 8 fake devices")
+  p.add_argument("--tokens", type=int, default=2048)
+  p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (the routing group)")
+  p.add_argument("--dim", type=int, default=64)
+  p.add_argument("--hidden", type=int, default=128)
+  p.add_argument("--experts", type=int, default=64)
+  p.add_argument("--k", type=int, default=2)
+  p.add_argument("--meshes", type=lambda s: [tuple(int(v) for v in m.split("x")) for m in s.split(",")],
+                 default=[(1, 8), (2, 4)], help="data x expert shapes")
   p = sub.add_parser("vit", help="ViMoE-S/14 vs dense ViT-S/14 train step")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--image-size", type=int, default=224)
@@ -263,6 +357,8 @@ def main(argv=None):
   print("# command: python " + " ".join(sys.argv))
   if args.what == "moe":
     bench_moe(args)
+  elif args.what == "moe-mesh":
+    bench_moe_mesh(args)
   elif args.what == "vit":
     bench_vit(args)
   elif args.what == "trainer":
