@@ -47,16 +47,14 @@ def data_axis_or_none(mesh):
   return DATA_AXIS if DATA_AXIS in mesh.axis_names else None
 
 
-def check_divisible(mesh, num_groups: int, num_experts: int, what: str | None = None) -> None:
-  """Raises a ValueError unless `num_groups` (rows: `what` names them) splits over the token axes and
-  `num_experts` over 'expert'."""
+def check_divisible(mesh, num_groups: int, num_experts: int) -> None:
   groups_split = 1
   for axis in token_axes(mesh):
     groups_split *= mesh.shape[axis]
   if num_groups % groups_split:
-    what = what or f"the batch forms {num_groups} routing groups, which"
-    raise ValueError(f"{what} cannot be split over the {groups_split} devices of mesh axes {token_axes(mesh)}; "
-                     "choose group_size (or the batch size) so that it is a multiple of that")
+    raise ValueError(f"the batch forms {num_groups} routing groups, which cannot be split over the "
+                     f"{groups_split} devices of mesh axes {token_axes(mesh)}; choose group_size (or the batch "
+                     "size) so the number of groups is a multiple of that")
   if num_experts % mesh.shape[EXPERT_AXIS]:
     raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's 'expert' axis of size "
                      f"{mesh.shape[EXPERT_AXIS]}")
@@ -114,8 +112,9 @@ def sharded_dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array
                          activation: str, grouped_matmul: str, block_size: int | None, mesh) -> jax.Array:
   """Dropless expert parallelism: x [N,D], expert_index and gates [N,K] -> [N,D], inside `jax.shard_map`.
 
-  Rows are split over all devices ('data', 'expert'), expert weights stay on their 'expert' shard (never
-  gathered; the transpose of shard_map sums their gradients over 'data'). On each device, with n = the 'expert'
+  Rows are split over all devices ('data', 'expert') (when N does not divide, e.g. one evaluation image, rows
+  of gate 0 pad it and are cut off after), expert weights stay on their 'expert' shard (never gathered; the
+  transpose of shard_map sums their gradients over 'data'). On each device, with n = the 'expert'
   axis size, E_l = E / n local experts and A_l = N_l * K local assignments:
 
   1. the assignments are sorted by expert, hence by destination device (expert e lives on device e // E_l) and
@@ -129,7 +128,17 @@ def sharded_dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array
   4. the inverse all-to-all brings each result back to its row, for the gate-weighted sum.
   """
   E, (N, K), M = num_experts, expert_index.shape, x.shape[-1]
-  check_divisible(mesh, N, E, what=f"the dropless path's {N} token rows")
+  devices = 1
+  for axis in token_axes(mesh):
+    devices *= mesh.shape[axis]
+  pad = -N % devices
+  if pad:  # e.g. one evaluation image: rows of gate 0 (expert 0, zero input) fill the split, then are cut off
+    out = sharded_dropless_moe(jnp.concatenate([x, jnp.zeros((pad, M), x.dtype)]),
+                               jnp.concatenate([expert_index, jnp.zeros((pad, K), expert_index.dtype)]),
+                               jnp.concatenate([gates, jnp.zeros((pad, K), gates.dtype)]), E, params, activation,
+                               grouped_matmul, block_size, mesh)
+    return out[:N]
+  check_divisible(mesh, N, E)
   n = mesh.shape[EXPERT_AXIS]
   E_local = E // n
   rows_spec = P(token_axes(mesh))
