@@ -51,9 +51,11 @@ NORMS = ("rmsnorm", "layernorm")
 MIXINGS = ("pre", "post")
 
 
-# The MoE settings an LM config may give (`model.moe.*`, besides `layers` and `hidden_dim`) and their defaults.
+# The MoE settings an LM config may give (`model.moe.*`, besides `layers`, `hidden_dim` and `shared_hidden_dim`)
+# and their defaults.
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "num_shared_experts", "normalize_gates",
-              "balance_weight", "importance_weight", "z_loss_weight", "load_weight")
+              "balance_weight", "importance_weight", "z_loss_weight", "load_weight", "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
+              "sequence_balance_weight")
 MOE_DEFAULTS = moe.MoeConfig(capacity_factor=None, dispatch="gather", causal=True)
 
 
@@ -83,18 +85,24 @@ class LMConfig:
   moe_layers: tuple[int, ...] = ()
   moe: moe.MoeConfig = MOE_DEFAULTS    # its activation is mlp_activation
   moe_hidden_dim: int | None = None    # model.moe.hidden_dim: the expert width (None: mlp_dim)
+  moe_shared_hidden_dim: int | None = None  # model.moe.shared_hidden_dim: the shared experts' (None: expert_dim)
 
   @property
   def expert_dim(self) -> int:
     return self.moe_hidden_dim or self.mlp_dim
+
+  @property
+  def shared_expert_dim(self) -> int:
+    return self.moe_shared_hidden_dim or self.expert_dim
 
 
 # Config parsing and validation: every error names the key, the value and what is valid.
 
 SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim")
 UMOE_KEYS = ("umoe_mixing", "umoe_attn_k", "umoe_query_rank", "umoe_key_dim", "umoe_attn_shared_expert")
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig) if f.name not in ("moe_layers", "moe_hidden_dim"))
-MOE_KEYS = ("layers", "hidden_dim") + MOE_FIELDS
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig)
+                   if f.name not in ("moe_layers", "moe_hidden_dim", "moe_shared_hidden_dim"))
+MOE_KEYS = ("layers", "hidden_dim", "shared_hidden_dim") + MOE_FIELDS
 
 
 def lm_config(config, prefix: str = "model.") -> LMConfig:
@@ -147,12 +155,15 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     raise ValueError(f"{prefix}moe.layers={layers!r} selects no block, but {prefix}name='umoe' needs UMoE blocks; "
                      f"use e.g. 'every:1' (every block), or {prefix}name='transformer' for a dense model")
   hidden_dim = moe_given.pop("hidden_dim", None)
+  shared_hidden_dim = moe_given.pop("shared_hidden_dim", None)
   # causal=True refuses routers that see future tokens.
   moe_config = moe.MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
                                        validate=bool(moe_layers),
                                        activation=resolved.get("mlp_activation", MOE_DEFAULTS.activation))
   if moe_layers and hidden_dim is not None:
     positive_int(hidden_dim, prefix + "moe.hidden_dim")
+  if moe_layers and shared_hidden_dim is not None:
+    positive_int(shared_hidden_dim, prefix + "moe.shared_hidden_dim")
   if name == "umoe":
     E = moe_config.num_experts
     attn_k = resolved.get("umoe_attn_k", 2)
@@ -172,7 +183,8 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     key_dim = positive_int(resolved.get("umoe_key_dim", 64), prefix + "umoe_key_dim")
     if rope and key_dim % 2:
       raise ValueError(f"{prefix}umoe_key_dim={key_dim} must be even with {prefix}positions='rope'")
-  return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim, **resolved)
+  return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim,
+                  moe_shared_hidden_dim=shared_hidden_dim, **resolved)
 
 
 # Positions and attention weights (pure functions)
@@ -392,7 +404,8 @@ class Block(nnx.Module):
       # One always-on expert: the same MLP code and initialisation as the MoE experts.
       self.mlp = moe.Experts(1, D, config.mlp_dim, activation=config.mlp_activation, rngs=rngs)
     else:
-      self.mlp = moe.MoeLayer(D, config.expert_dim, config.moe, rngs=rngs)
+      self.mlp = moe.MoeLayer(D, config.expert_dim, config.moe, shared_hidden_dim=config.shared_expert_dim,
+                              rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
   def _residual(self, branch: jax.Array, deterministic: bool) -> jax.Array:
@@ -564,10 +577,11 @@ def ffn_macs_per_token(config: LMConfig) -> int:
       total += per_width * config.mlp_dim
       continue
     m = config.moe
-    active, routers = m.k + m.num_shared_experts, 1
+    active, routers = m.k, 1
     if config.name == "umoe":
       active += int(config.umoe_attn_shared_expert)
       active += config.umoe_attn_k if config.umoe_mixing == "pre" else m.num_experts
       routers += 1
-    total += per_width * config.expert_dim * active + routers * config.dim * m.num_experts
+    total += (per_width * (config.expert_dim * active + config.shared_expert_dim * m.num_shared_experts)
+              + routers * config.dim * m.num_experts)
   return total

@@ -45,10 +45,10 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: 
 class LanguageModeling(Task):
   """Next-token prediction on text: cross-entropy training, perplexity and routing statistics in evaluation."""
 
-  train_routing_keys = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction")
+  train_routing_keys = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction", "bias_range")
   # Averaged over evaluation batches weighted by their tokens.
   eval_routing_keys = ("expert_load", "importance_cv", "load_cv", "max_mean_load", "smooth_load_cv",
-                       "dropped_fraction")
+                       "dropped_fraction", "bias_range")
 
   def build_model(self, config, rngs):
     name = config.model.get("name")

@@ -40,8 +40,8 @@ class Task:
   """What every task shares: aux losses, routing statistics and the defaults of the optional methods."""
 
   # Routing statistics (names of MoE metrics) reported in training metrics, and averaged over evaluation.
-  train_routing_keys = ("dropped_fraction",)
-  eval_routing_keys = ("dropped_fraction", "expert_load", "load_cv", "importance_cv")
+  train_routing_keys = ("dropped_fraction", "bias_range")
+  eval_routing_keys = ("dropped_fraction", "expert_load", "load_cv", "importance_cv", "bias_range")
 
   def trainable(self, config):
     """What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone)."""
