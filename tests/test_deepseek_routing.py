@@ -257,7 +257,9 @@ def test_config_errors_name_the_keys(options, message):
 
 
 def test_trainer_checkpoint_keeps_the_bias(tmp_path):
-  """4 steps straight, and 2 steps then a resume to 4, save the same non-zero bias; evaluation restores it."""
+  """The trainer's step updates the bias (it reaches the saved state), the checkpoint holds it, and a resumed run
+  routes with the restored bias: its first logged bias_range is the range of the checkpoint it resumed from."""
+  import json
   from configs.lm_deepseek_quickstart import get_config
   from vimoe.train import trainer
 
@@ -271,16 +273,18 @@ def test_trainer_checkpoint_keeps_the_bias(tmp_path):
     c.optim.warmup_steps = 1
     return c
 
-  trainer.train_and_evaluate(config(4), tmp_path / "straight")
-  trainer.train_and_evaluate(config(2), tmp_path / "resumed")
-  trainer.train_and_evaluate(config(4), tmp_path / "resumed")
-  biases = []
-  for name in ("straight", "resumed"):
-    _, _, model, step = trainer.load_for_evaluation(tmp_path / name)
-    assert step == 4
-    biases.append(np.asarray(model.blocks[0].mlp.router.bias[...]))
-  np.testing.assert_array_equal(biases[0], biases[1])
-  # Four updates of 1e-3 * sign(...) each: every entry a multiple of 1e-3 within 4e-3, not all zero.
-  assert np.abs(biases[0]).max() > 0
-  np.testing.assert_allclose(biases[0] / 1e-3, np.round(biases[0] / 1e-3), atol=1e-3)
-  assert np.abs(biases[0]).max() <= 4e-3 + 1e-9
+  trainer.train_and_evaluate(config(2), tmp_path)
+  trainer.train_and_evaluate(config(4), tmp_path)   # resumes from checkpoint 2
+  bias = {}
+  for step in (2, 4):
+    _, _, model, _ = trainer.load_for_evaluation(tmp_path, step)
+    bias[step] = np.asarray(model.blocks[0].mlp.router.bias[...])
+  # Each step adds 1e-3 * sign(mean load - load): multiples of 1e-3, at most 1e-3 per step, not all zero.
+  for step, b in bias.items():
+    np.testing.assert_allclose(b / 1e-3, np.round(b / 1e-3), atol=1e-3)
+    assert 0 < np.abs(b).max() <= step * 1e-3 + 1e-9
+  assert not np.array_equal(bias[2], bias[4])
+  records = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+  logged = {record["step"]: record for record in records if "train/block0/bias_range" in record}
+  assert logged[3]["train/block0/bias_range"] == pytest.approx(np.ptp(bias[2]), abs=1e-7)
+  assert logged[1]["train/block0/bias_range"] == 0.0
