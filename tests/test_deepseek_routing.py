@@ -288,3 +288,51 @@ def test_trainer_checkpoint_keeps_the_bias(tmp_path):
   logged = {record["step"]: record for record in records if "train/block0/bias_range" in record}
   assert logged[3]["train/block0/bias_range"] == pytest.approx(np.ptp(bias[2]), abs=1e-7)
   assert logged[1]["train/block0/bias_range"] == 0.0
+
+
+def test_language_model_training_leaves_padding_out():
+  """The training loss (aux losses and routing metrics included) ignores what the padding tokens hold."""
+  import ml_collections
+  from vimoe.models.lm import build_lm
+  from vimoe.train.language import LanguageModeling
+  model = build_lm(dict(name="transformer", vocab_size=32, dim=16, depth=1, num_heads=2, mlp_dim=32, max_length=16,
+                        moe=dict(layers="every:1", num_experts=4, k=2, hidden_dim=16, balance_weight=0.01,
+                                 score="sigmoid", normalize_gates=True, sequence_balance_weight=0.01)),
+                   rngs=nnx.Rngs(0))
+  mask = np.ones((2, 12), np.float32)
+  mask[1, 5:] = 0                       # targets from position 5 on are padding: inputs 6.. are padding tokens
+  outs = []
+  for seed in (0, 1):
+    tokens = np.random.RandomState(2).randint(0, 32, (2, 12))
+    tokens[1, 6:] = np.random.RandomState(seed).randint(0, 32, 6)   # what the padding holds
+    batch = {"inputs": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+             "mask": jnp.asarray(mask)}
+    outs.append(LanguageModeling().loss(model, batch, ml_collections.ConfigDict({"label_smoothing": 0.0}))[1])
+  assert "train/aux/balance" in outs[0] and "train/aux/sequence_balance" in outs[0]
+  for key in outs[0]:
+    np.testing.assert_allclose(np.asarray(outs[1][key]), np.asarray(outs[0][key]), rtol=1e-6, err_msg=key)
+
+
+def test_segmentation_evaluation_leaves_padding_images_out():
+  """Padding images (every pixel ignored) take no expert capacity: the real images' predictions and the routing
+  statistics do not depend on what the padding holds."""
+  from configs.seg_quickstart import get_config
+  from vimoe.models.segmentation import build_segmenter
+  from vimoe.train.segmentation import Segmentation
+  config = get_config()
+  config.model.update(dim=16, depth=2, num_heads=2, mlp_dim=32, image_size=16)
+  config.model.moe.update(layers="every:1", num_experts=4, k=1, capacity_factor=0.5, route_per="item")
+  config.data.crop_size = 16
+  task = Segmentation()
+  task.config = config
+  model = build_segmenter(config.model, rngs=nnx.Rngs(0))
+  labels = np.random.RandomState(0).randint(0, config.model.num_classes, (4, 16, 16)).astype(np.int32)
+  labels[3] = -1                                                   # a padding row
+  sums = []
+  for garbage in (0.0, 5.0):
+    images = np.random.RandomState(1).randn(4, 16, 16, 3).astype(np.float32)
+    images[3] = garbage * np.random.RandomState(2).randn(16, 16, 3)
+    sums.append(jax.device_get(task.eval_batch(model, {"image": jnp.asarray(images), "label": jnp.asarray(labels)})))
+  for key in sums[0]:
+    np.testing.assert_allclose(np.asarray(sums[1][key]), np.asarray(sums[0][key]), rtol=1e-5, atol=1e-6,
+                               err_msg=key)

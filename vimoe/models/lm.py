@@ -169,6 +169,11 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     attn_k = resolved.get("umoe_attn_k", 2)
     if not isinstance(attn_k, (int, np.integer)) or not 1 <= attn_k <= E:
       raise ValueError(f"{prefix}umoe_attn_k={attn_k!r} must be an integer in [1, {prefix}moe.num_experts={E}]")
+    choosable = moe_config.groups_per_token * (E // moe_config.num_groups)
+    if attn_k > choosable:
+      raise ValueError(f"{prefix}umoe_attn_k={attn_k} is more than the {choosable} experts a token may choose "
+                       f"from with {prefix}moe.num_groups={moe_config.num_groups} and {prefix}moe.groups_per_token="
+                       f"{moe_config.groups_per_token}; raise groups_per_token or lower umoe_attn_k")
     mixing = resolved.get("umoe_mixing", "pre")
     if mixing == "pre" and attn_k > 1 and moe_config.capacity_factor is not None:
       # The attention's routed units are served all first choices before any second choice (as in MoeLayer),
@@ -319,12 +324,15 @@ class UmoeAttention(nnx.Module):
     return q
 
   def __call__(self, x: jax.Array, experts: moe.Experts, *, positions: jax.Array, cache: dict | None = None,
-               mask: jax.Array | None = None):
+               mask: jax.Array | None = None, deterministic: bool = True):
     """x = norm1(hidden) [B, T, D] at positions [T] -> (y [B, T, D], losses, metrics, cache). mask [B, T]
-    (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
+    (optional): real tokens; padding takes no expert capacity and counts in no routing statistic. With
+    deterministic=False a DeepSeek-style routing bias is updated (vimoe/moe/routers.py, TopKRouter)."""
     B, T, D = x.shape
     E, K = self.num_experts, self.k
-    expert_index, gates, probs, logits, _, _ = self.router.gate(x.astype(jnp.float32), K)  # [B, T, K], [B, T, E]
+    valid = None if mask is None else jnp.asarray(mask, bool)
+    gating = self.router.gate(x.astype(jnp.float32), K, deterministic=deterministic, valid=valid)
+    expert_index, gates, probs, logits = gating[:4]                                         # [B, T, K], [B, T, E]
     q = self._queries(x, expert_index)                                                     # [B, T, K(+1), dk]
     keys = self.key(x)                                                                      # [B, T, dk]
     if self.rope_base is not None:
@@ -371,11 +379,14 @@ class UmoeAttention(nnx.Module):
       if self.shared is not None:
         y = y + jnp.einsum("bts,bsd->btd", weights[:, K].astype(x.dtype), values["shared_values"])
       capacity = None
-    metrics = moe.losses.token_choice_metrics(probs, logits, expert_index, gates, kept, E,
-                                              None if mask is None else jnp.asarray(mask, bool))
+    metrics = moe.losses.token_choice_metrics(probs, logits, expert_index, gates, kept, E, valid)
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)
+    metrics.update(gating.metrics)
+    if self.router.sequence_balance:
+      metrics["sequence_balance_loss"] = moe.routers.sequence_balance_metric(gating, valid, B)
     # The attention's own losses (its top-k router has no load loss), named "attn_balance", ...
-    weighted = moe.weighted_losses(self.config, metrics, names=("importance", "balance", "z_loss"))
+    weighted = moe.weighted_losses(self.config, metrics, names=("importance", "balance", "z_loss",
+                                                                "sequence_balance"))
     losses = {"attn_" + name: value for name, value in weighted.items()}
     return y, losses, metrics, cache
 
@@ -419,7 +430,7 @@ class Block(nnx.Module):
     aux = {"ffn": None, "attn": None}
     if self.kind == "umoe":
       out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache,
-                                              mask=mask)
+                                              mask=mask, deterministic=deterministic)
       aux["attn"] = moe.MoeAux(losses=losses, metrics=metrics)
     else:
       out, cache = self.attn(hidden, positions, cache)

@@ -76,7 +76,8 @@ class LanguageModeling(Task):
     return build_text_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)
 
   def loss(self, model, batch, config):
-    logits, aux = model(batch["inputs"], deterministic=False)               # [B, T, V]
+    # Padding (mask 0: lm1b's packed rows) takes no expert capacity and counts in no routing loss or statistic.
+    logits, aux = model(batch["inputs"], deterministic=False, mask=batch["mask"] > 0)     # [B, T, V]
     mask = batch["mask"].astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
     nll = token_cross_entropy(logits, batch["targets"], config.label_smoothing)  # [B, T]
