@@ -3,10 +3,11 @@
 Models (config.model.name): "transformer" | "umoe" -> `vimoe.models.lm.build_lm`, "lstm_moe" ->
 `vimoe.models.lstm.build_lstm_lm`. Every model is called as
 
-    logits, aux = model(tokens, deterministic=...)   # tokens int32 [B, T] -> logits float32 [B, T, V]
+    logits, aux = model(tokens, deterministic=..., mask=...)   # tokens int32 [B, T] -> logits float32 [B, T, V]
     aux = {"losses": {name: weighted aux loss}, "metrics": {"block{i}": MoE metrics of block i}}
 
-Data: vimoe.data.text batches {"inputs", "targets", "mask"} [B, T]; only tokens with mask 1 count.
+Data: vimoe.data.text batches {"inputs", "targets", "mask"} [B, T]; only tokens with mask 1 count, and the mask
+goes to the model in training and evaluation (padding takes no expert capacity and counts in no routing loss).
 
 Training loss: mean next-token cross-entropy over the mask-1 tokens (with config.label_smoothing, usually 0) plus
 the model's auxiliary losses. Evaluation sums the negative log-likelihood and the token count over all batches:

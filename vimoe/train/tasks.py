@@ -2,7 +2,8 @@
 
 A task is a `Task` subclass. It defines
   build_model(config, rngs) -> nnx.Module            (model(inputs, deterministic=..., mask=None) -> (outputs,
-                                                     aux dict); evaluation passes the padding mask)
+                                                     aux dict); evaluation, and training where batches hold
+                                                     padding (LM), pass the padding mask)
   build_data(config, split, *, train, seed, batch_size) -> grain iterable of dict batches
   loss(model, batch, config) -> (scalar loss, dict of scalar metrics)      (training, under grad)
   eval_batch(model, batch) -> dict of summed statistics                   (summed over batches)
