@@ -54,7 +54,8 @@ MIXINGS = ("pre", "post")
 # The MoE settings an LM config may give (`model.moe.*`, besides `layers`, `hidden_dim` and `shared_hidden_dim`)
 # and their defaults.
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "num_shared_experts", "normalize_gates",
-              "balance_weight", "importance_weight", "z_loss_weight", "load_weight", "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
+              "balance_weight", "importance_weight", "z_loss_weight", "load_weight",
+              "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
               "sequence_balance_weight")
 MOE_DEFAULTS = moe.MoeConfig(capacity_factor=None, dispatch="gather", causal=True)
 
