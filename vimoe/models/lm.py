@@ -51,9 +51,12 @@ NORMS = ("rmsnorm", "layernorm")
 MIXINGS = ("pre", "post")
 
 
-# The MoE settings an LM config may give (`model.moe.*`, besides `layers` and `hidden_dim`) and their defaults.
+# The MoE settings an LM config may give (`model.moe.*`, besides `layers`, `hidden_dim` and `shared_hidden_dim`)
+# and their defaults.
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "num_shared_experts", "normalize_gates",
-              "balance_weight", "importance_weight", "z_loss_weight", "load_weight")
+              "balance_weight", "importance_weight", "z_loss_weight", "load_weight",
+              "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
+              "sequence_balance_weight", "grouped_matmul", "block_size")
 MOE_DEFAULTS = moe.MoeConfig(capacity_factor=None, dispatch="gather", causal=True)
 
 
@@ -83,18 +86,24 @@ class LMConfig:
   moe_layers: tuple[int, ...] = ()
   moe: moe.MoeConfig = MOE_DEFAULTS    # its activation is mlp_activation
   moe_hidden_dim: int | None = None    # model.moe.hidden_dim: the expert width (None: mlp_dim)
+  moe_shared_hidden_dim: int | None = None  # model.moe.shared_hidden_dim: the shared experts' (None: expert_dim)
 
   @property
   def expert_dim(self) -> int:
     return self.moe_hidden_dim or self.mlp_dim
+
+  @property
+  def shared_expert_dim(self) -> int:
+    return self.moe_shared_hidden_dim or self.expert_dim
 
 
 # Config parsing and validation: every error names the key, the value and what is valid.
 
 SIZE_KEYS = ("dim", "depth", "num_heads", "mlp_dim")
 UMOE_KEYS = ("umoe_mixing", "umoe_attn_k", "umoe_query_rank", "umoe_key_dim", "umoe_attn_shared_expert")
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig) if f.name not in ("moe_layers", "moe_hidden_dim"))
-MOE_KEYS = ("layers", "hidden_dim") + MOE_FIELDS
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(LMConfig)
+                   if f.name not in ("moe_layers", "moe_hidden_dim", "moe_shared_hidden_dim"))
+MOE_KEYS = ("layers", "hidden_dim", "shared_hidden_dim") + MOE_FIELDS
 
 
 def lm_config(config, prefix: str = "model.") -> LMConfig:
@@ -147,17 +156,25 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     raise ValueError(f"{prefix}moe.layers={layers!r} selects no block, but {prefix}name='umoe' needs UMoE blocks; "
                      f"use e.g. 'every:1' (every block), or {prefix}name='transformer' for a dense model")
   hidden_dim = moe_given.pop("hidden_dim", None)
+  shared_hidden_dim = moe_given.pop("shared_hidden_dim", None)
   # causal=True refuses routers that see future tokens.
   moe_config = moe.MoeConfig.from_dict(moe_given, defaults=MOE_DEFAULTS, prefix=prefix + "moe.",
                                        validate=bool(moe_layers),
                                        activation=resolved.get("mlp_activation", MOE_DEFAULTS.activation))
   if moe_layers and hidden_dim is not None:
     positive_int(hidden_dim, prefix + "moe.hidden_dim")
+  if moe_layers and shared_hidden_dim is not None:
+    positive_int(shared_hidden_dim, prefix + "moe.shared_hidden_dim")
   if name == "umoe":
     E = moe_config.num_experts
     attn_k = resolved.get("umoe_attn_k", 2)
     if not isinstance(attn_k, (int, np.integer)) or not 1 <= attn_k <= E:
       raise ValueError(f"{prefix}umoe_attn_k={attn_k!r} must be an integer in [1, {prefix}moe.num_experts={E}]")
+    choosable = moe_config.groups_per_token * (E // moe_config.num_groups)
+    if attn_k > choosable:
+      raise ValueError(f"{prefix}umoe_attn_k={attn_k} is more than the {choosable} experts a token may choose "
+                       f"from with {prefix}moe.num_groups={moe_config.num_groups} and {prefix}moe.groups_per_token="
+                       f"{moe_config.groups_per_token}; raise groups_per_token or lower umoe_attn_k")
     mixing = resolved.get("umoe_mixing", "pre")
     if mixing == "pre" and attn_k > 1 and moe_config.capacity_factor is not None:
       # The attention's routed units are served all first choices before any second choice (as in MoeLayer),
@@ -172,7 +189,8 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
     key_dim = positive_int(resolved.get("umoe_key_dim", 64), prefix + "umoe_key_dim")
     if rope and key_dim % 2:
       raise ValueError(f"{prefix}umoe_key_dim={key_dim} must be even with {prefix}positions='rope'")
-  return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim, **resolved)
+  return LMConfig(moe_layers=moe_layers, moe=moe_config, moe_hidden_dim=hidden_dim,
+                  moe_shared_hidden_dim=shared_hidden_dim, **resolved)
 
 
 # Positions and attention weights (pure functions)
@@ -307,12 +325,15 @@ class UmoeAttention(nnx.Module):
     return q
 
   def __call__(self, x: jax.Array, experts: moe.Experts, *, positions: jax.Array, cache: dict | None = None,
-               mask: jax.Array | None = None):
+               mask: jax.Array | None = None, deterministic: bool = True):
     """x = norm1(hidden) [B, T, D] at positions [T] -> (y [B, T, D], losses, metrics, cache). mask [B, T]
-    (optional): real tokens; padding takes no expert capacity and counts in no routing statistic."""
+    (optional): real tokens; padding takes no expert capacity and counts in no routing statistic. With
+    deterministic=False a DeepSeek-style routing bias is updated (vimoe/moe/routers.py, TopKRouter)."""
     B, T, D = x.shape
     E, K = self.num_experts, self.k
-    expert_index, gates, probs, logits, _, _ = self.router.gate(x.astype(jnp.float32), K)  # [B, T, K], [B, T, E]
+    valid = None if mask is None else jnp.asarray(mask, bool)
+    gating = self.router.gate(x.astype(jnp.float32), K, deterministic=deterministic, valid=valid)
+    expert_index, gates, probs, logits = gating[:4]                                         # [B, T, K], [B, T, E]
     q = self._queries(x, expert_index)                                                     # [B, T, K(+1), dk]
     keys = self.key(x)                                                                      # [B, T, dk]
     if self.rope_base is not None:
@@ -345,7 +366,8 @@ class UmoeAttention(nnx.Module):
       unit_valid = None if mask is None else jnp.tile(jnp.asarray(mask, bool), (1, K))      # [B, K*T] choice-major
       assignment = moe.routing.assign_slots(unit_index, unit_gates, E, capacity, valid=unit_valid)
       routed = moe.run_experts(experts, units, assignment, dispatch=self.config.dispatch, capacity=capacity,
-                               tokens_per_unit=1, block_size=None)                          # p_i E_i(a_i X)
+                               tokens_per_unit=1, block_size=self.config.block_size,
+                               grouped_matmul=self.config.grouped_matmul)                   # p_i E_i(a_i X)
       y = routed.reshape(B, K, T, D).sum(axis=1)
       kept = assignment.kept.reshape(B, K, T).transpose(0, 2, 1)
       if self.shared is not None:
@@ -359,11 +381,14 @@ class UmoeAttention(nnx.Module):
       if self.shared is not None:
         y = y + jnp.einsum("bts,bsd->btd", weights[:, K].astype(x.dtype), values["shared_values"])
       capacity = None
-    metrics = moe.losses.token_choice_metrics(probs, logits, expert_index, gates, kept, E,
-                                              None if mask is None else jnp.asarray(mask, bool))
+    metrics = moe.losses.token_choice_metrics(probs, logits, expert_index, gates, kept, E, valid)
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)
+    metrics.update(gating.metrics)
+    if self.router.sequence_balance:
+      metrics["sequence_balance_loss"] = moe.routers.sequence_balance_metric(gating, valid, B)
     # The attention's own losses (its top-k router has no load loss), named "attn_balance", ...
-    weighted = moe.weighted_losses(self.config, metrics, names=("importance", "balance", "z_loss"))
+    weighted = moe.weighted_losses(self.config, metrics, names=("importance", "balance", "z_loss",
+                                                                "sequence_balance"))
     losses = {"attn_" + name: value for name, value in weighted.items()}
     return y, losses, metrics, cache
 
@@ -392,7 +417,8 @@ class Block(nnx.Module):
       # One always-on expert: the same MLP code and initialisation as the MoE experts.
       self.mlp = moe.Experts(1, D, config.mlp_dim, activation=config.mlp_activation, rngs=rngs)
     else:
-      self.mlp = moe.MoeLayer(D, config.expert_dim, config.moe, rngs=rngs)
+      self.mlp = moe.MoeLayer(D, config.expert_dim, config.moe, shared_hidden_dim=config.shared_expert_dim,
+                              rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
   def _residual(self, branch: jax.Array, deterministic: bool) -> jax.Array:
@@ -406,7 +432,7 @@ class Block(nnx.Module):
     aux = {"ffn": None, "attn": None}
     if self.kind == "umoe":
       out, losses, metrics, cache = self.attn(hidden, self.mlp.experts, positions=positions, cache=cache,
-                                              mask=mask)
+                                              mask=mask, deterministic=deterministic)
       aux["attn"] = moe.MoeAux(losses=losses, metrics=metrics)
     else:
       out, cache = self.attn(hidden, positions, cache)
@@ -564,10 +590,11 @@ def ffn_macs_per_token(config: LMConfig) -> int:
       total += per_width * config.mlp_dim
       continue
     m = config.moe
-    active, routers = m.k + m.num_shared_experts, 1
+    active, routers = m.k, 1
     if config.name == "umoe":
       active += int(config.umoe_attn_shared_expert)
       active += config.umoe_attn_k if config.umoe_mixing == "pre" else m.num_experts
       routers += 1
-    total += per_width * config.expert_dim * active + routers * config.dim * m.num_experts
+    total += (per_width * (config.expert_dim * active + config.shared_expert_dim * m.num_shared_experts)
+              + routers * config.dim * m.num_experts)
   return total

@@ -164,17 +164,19 @@ class Segmenter(nnx.Module):
     patches = tokens[:, 1 + self.backbone.config.num_registers:]
     return patches.reshape(patches.shape[0], h, w, patches.shape[-1])
 
-  def __call__(self, images: jax.Array, *, deterministic: bool = True,
-               return_routing: bool = False) -> tuple[jax.Array, dict]:
+  def __call__(self, images: jax.Array, *, deterministic: bool = True, return_routing: bool = False,
+               mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """images [B, H, W, 3] -> (logits [B, H, W, K] float32, aux). With return_routing, aux["expert_maps"] holds
-    each MoE block's first-choice expert per patch, [B, h, w] int32 (token routing)."""
+    each MoE block's first-choice expert per patch, [B, h, w] int32 (token routing). mask [B] bool (optional):
+    real images (evaluation batches are padded); padding takes no expert capacity and counts in no routing
+    statistic (vimoe.models.vit.VisionTransformer.encode)."""
     B, H, W, _ = images.shape
     p = self.backbone.config.patch_size
     (top, bottom), (left, right) = center_padding(H, p), center_padding(W, p)
     padded = jnp.pad(images, ((0, 0), (top, bottom), (left, right), (0, 0)))
     h, w = padded.shape[1] // p, padded.shape[2] // p
     _, aux = self.backbone.encode(padded, deterministic=deterministic, return_layers=self.feature_layers,
-                                  return_routing=return_routing)
+                                  return_routing=return_routing, mask=mask)
     features = jnp.concatenate([self._grid(t, h, w) for t in aux.pop("layers")], axis=-1)  # [B, h, w, D or 4D]
     if self.head_config.freeze_backbone:
       features = jax.lax.stop_gradient(features)

@@ -63,7 +63,9 @@ POSEMB_INTERPOLATIONS = ("bicubic", "bicubic_antialias")
 # The MoE settings a ViT config may give (`model.moe.*`, besides `layers`) and their ViT defaults.
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "group_size", "route_per",
               "num_shared_experts", "normalize_gates", "balance_weight", "importance_weight", "z_loss_weight",
-              "load_weight", "batch_priority", "slots_per_expert")
+              "load_weight", "batch_priority", "slots_per_expert",
+              "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
+              "sequence_balance_weight", "grouped_matmul")
 MOE_DEFAULTS = moe.MoeConfig(route_per="item", activation="gelu_exact")
 
 

@@ -20,7 +20,12 @@ from vimoe.moe.experts import check_activation
 
 DISPATCHES = ("einsum", "gather")
 ROUTE_PER = ("token", "item")
-LOSS_WEIGHTS = ("load_weight", "importance_weight", "balance_weight", "z_loss_weight")
+SCORES = ("softmax", "sigmoid")
+LOSS_WEIGHTS = ("load_weight", "importance_weight", "balance_weight", "z_loss_weight", "sequence_balance_weight")
+# DeepSeek-style routing settings (docs/design.md, 'DeepSeek-style routing') and their off values; only routers
+# with `affinity_routing` accept other values.
+AFFINITY_DEFAULTS = (("score", "softmax"), ("routed_scale", 1.0), ("bias_update_rate", 0.0), ("num_groups", 1),
+                     ("groups_per_token", 1), ("sequence_balance_weight", 0.0))
 # Keys whose value None is itself a setting; for every other key None means "the default".
 NONE_IS_A_VALUE = ("capacity_factor", "group_size", "block_size")
 
@@ -54,6 +59,14 @@ class MoeConfig:
   block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
   grouped_matmul: how the dropless path runs its experts: "block_loop" (balanced batch + overflow blocks),
     "ragged_dot" (one grouped matmul per weight) or "auto" (block_loop on CPU, ragged_dot on gpu/tpu).
+  DeepSeek-style routing (docs/design.md, 'DeepSeek-style routing'; top_k and prototype routers only):
+  score: the expert affinities s, "softmax" or "sigmoid" (the K gates are the chosen s, renormalised when
+    normalize_gates). routed_scale: multiplies the routed gates (both scores).
+  bias_update_rate: gamma of auxiliary-loss-free balancing; > 0 adds the per-expert bias `router.bias` to the
+    scores that choose experts, updated after every training call by gamma * sign(mean load - load).
+  num_groups, groups_per_token: group-limited routing; experts form num_groups contiguous groups and each token
+    chooses among the experts of its groups_per_token best groups.
+  sequence_balance_weight: DeepSeek-V3's sequence-wise balance loss.
   """
   num_experts: int = 8
   k: int = 1
@@ -74,6 +87,12 @@ class MoeConfig:
   z_loss_weight: float = 0.0
   block_size: int | None = None
   grouped_matmul: str = "auto"
+  score: str = "softmax"
+  routed_scale: float = 1.0
+  bias_update_rate: float = 0.0
+  num_groups: int = 1
+  groups_per_token: int = 1
+  sequence_balance_weight: float = 0.0
 
   @classmethod
   def from_dict(cls, given: Mapping | None, *, defaults: MoeConfig | None = None, prefix: str = "",
@@ -145,6 +164,31 @@ class MoeConfig:
     if not router.learns_routing and (self.importance_weight or self.balance_weight or self.z_loss_weight):
       raise ValueError(f"router={self.router!r} has no learned discrete routing to balance; set importance_weight, "
                        "balance_weight and z_loss_weight to 0")
+    self._check_affinity_routing(prefix, router, ROUTERS)
+
+  def _check_affinity_routing(self, prefix: str, router, routers) -> None:
+    """The DeepSeek-style settings: values, and only for routers with `affinity_routing`."""
+    choose("score", self.score, SCORES)
+    if not self.routed_scale > 0:
+      raise ValueError(f"routed_scale={self.routed_scale!r} must be > 0")
+    if not self.bias_update_rate >= 0:
+      raise ValueError(f"bias_update_rate={self.bias_update_rate!r} must be >= 0 (0: no routing bias)")
+    G, Kg, E = self.num_groups, self.groups_per_token, self.num_experts
+    if not is_int(G) or not 1 <= G <= E:
+      raise ValueError(f"num_groups={G!r} must be an integer in [1, {prefix}num_experts={E}]")
+    if E % G:
+      raise ValueError(f"num_groups={G} does not divide {prefix}num_experts={E}; expert groups must be equal")
+    if not is_int(Kg) or not 1 <= Kg <= G:
+      raise ValueError(f"groups_per_token={Kg!r} must be an integer in [1, {prefix}num_groups={G}]")
+    if router.uses_k and self.k > Kg * (E // G):
+      raise ValueError(f"groups_per_token={Kg} with {prefix}num_groups={G} leaves {Kg * (E // G)} experts per "
+                       f"token to choose from, fewer than {prefix}k={self.k}; raise groups_per_token or lower k")
+    if not router.affinity_routing:
+      accepting = ", ".join(repr(name) for name, r in routers.items() if r.affinity_routing)
+      for key, off in AFFINITY_DEFAULTS:
+        if getattr(self, key) != off:
+          raise ValueError(f"{key}={getattr(self, key)!r} with {prefix}router={self.router!r}: DeepSeek-style "
+                           f"routing is for routers {accepting}; use {key}={off!r}")
 
 
 def as_config(config: MoeConfig | int | None, k: int | None, options: dict) -> MoeConfig:

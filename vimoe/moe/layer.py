@@ -22,7 +22,8 @@ from vimoe.moe.sharding import run_experts
 
 # Weighted auxiliary losses: name -> the metric it weights (MoeAux.losses holds the non-zero ones).
 LOSS_METRICS = (("importance", "importance_weight", "importance_loss"), ("load", "load_weight", "load_loss"),
-                ("balance", "balance_weight", "balance_loss"), ("z_loss", "z_loss_weight", "router_z_loss"))
+                ("balance", "balance_weight", "balance_loss"), ("z_loss", "z_loss_weight", "router_z_loss"),
+                ("sequence_balance", "sequence_balance_weight", "sequence_balance_loss"))
 
 
 @struct.dataclass
@@ -47,7 +48,8 @@ def sum_aux(named_aux) -> dict:
   return {"losses": losses, "metrics": metrics}
 
 
-def weighted_losses(config: MoeConfig, metrics: dict, names=("importance", "load", "balance", "z_loss")) -> dict:
+def weighted_losses(config: MoeConfig, metrics: dict,
+                    names=("importance", "load", "balance", "z_loss", "sequence_balance")) -> dict:
   """{name: weight * metric} for the losses `names` whose weight in `config` is > 0."""
   return {name: getattr(config, weight) * metrics[metric] for name, weight, metric in LOSS_METRICS
           if name in names and getattr(config, weight) > 0}
@@ -81,20 +83,24 @@ class MoeLayer(nnx.Module):
   Parameters: `router.*` (the router's own, vimoe/moe/routers.py), `experts` (E stacked MLPs), `shared` (the
   always-on experts, if any). Created under `with jax.set_mesh(mesh):` with an 'expert' axis, the routed experts'
   weights are born sharded over it along E.
+  shared_hidden_dim: the shared experts' width (None: hidden_dim, the routed experts').
   expert_kernel_init: initialiser of the routed and shared experts' kernels (None: variance scaling over fan-in).
   A model that puts this layer where it has a dense MLP passes that MLP's initialiser, so that the residual branch
   starts at the dense model's scale (the ViT passes truncated normal, std 0.02).
   """
 
   def __init__(self, dim: int, hidden_dim: int, config: MoeConfig | int | None = None, k: int | None = None, *,
-               param_dtype=jnp.float32, expert_kernel_init=None, rngs: nnx.Rngs, **options):
+               param_dtype=jnp.float32, expert_kernel_init=None, shared_hidden_dim: int | None = None,
+               rngs: nnx.Rngs, **options):
     config = as_config(config, k, options).validate()
     self.dim, self.hidden_dim, self.config = dim, hidden_dim, config
     self.router = ROUTERS[config.router](dim, config, rngs=rngs)
-    experts = lambda n, axis: Experts(n, dim, hidden_dim, activation=config.activation, rngs=rngs,
-                                      param_dtype=param_dtype, kernel_init=expert_kernel_init, expert_axis=axis)
-    self.experts = experts(config.num_experts, sharding.expert_axis_for(config.num_experts))
-    self.shared = experts(config.num_shared_experts, None) if config.num_shared_experts else None
+    experts = lambda n, width, axis: Experts(n, dim, width, activation=config.activation, rngs=rngs,
+                                             param_dtype=param_dtype, kernel_init=expert_kernel_init,
+                                             expert_axis=axis)
+    self.experts = experts(config.num_experts, hidden_dim, sharding.expert_axis_for(config.num_experts))
+    self.shared = (experts(config.num_shared_experts, shared_hidden_dim or hidden_dim, None)
+                   if config.num_shared_experts else None)
 
   num_experts = property(lambda self: self.config.num_experts)
   k = property(lambda self: self.config.k)
@@ -161,7 +167,7 @@ class MoeLayer(nnx.Module):
     capacity = self.router.capacity(config, units.shape[1])
     routed, metrics = self.router.route(features, ids=ids, k=self.k, capacity=capacity,
                                         batch_priority=config.batch_priority, deterministic=deterministic,
-                                        valid=valid)
+                                        valid=valid, sequences=B)
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)  # -1: dropless
     y = self.router.run_experts(self.experts, units, routed, dispatch=config.dispatch, capacity=capacity,
                                 tokens_per_unit=tokens_per_unit, block_size=config.block_size,

@@ -48,6 +48,27 @@ def switch_balance_loss(probs: jax.Array, top1_index: jax.Array, valid: jax.Arra
   return num_experts * jnp.sum(fraction * mean_prob)
 
 
+def sequence_balance_loss(affinities: jax.Array, expert_index: jax.Array, valid: jax.Array | None = None
+                          ) -> jax.Array:
+  """DeepSeek-V3 sequence-wise balance loss (unweighted), averaged over sequences.
+
+  affinities [B,T,E] normalised affinities s' (each row sums to 1); expert_index [B,T,K] the chosen experts;
+  valid [B,T] (optional) the real tokens. Per sequence of T real tokens: f_e = E / (K T) * #{t: e chosen by t},
+  P_e = mean over t of s'_e, loss = sum_e f_e P_e (1 when uniform); sequences without real tokens are skipped.
+  """
+  B, T, E = affinities.shape
+  K = expert_index.shape[-1]
+  weight = jnp.ones((B, T), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  tokens = jnp.sum(weight, axis=1)                                                              # [B]
+  chosen = jnp.einsum("BTKE,BT->BE", jax.nn.one_hot(expert_index, E, dtype=jnp.float32), weight)
+  per_token = 1.0 / jnp.maximum(tokens, 1.0)[:, None]
+  fraction = E / K * chosen * per_token
+  mean_affinity = jnp.einsum("BTE,BT->BE", affinities.astype(jnp.float32), weight) * per_token
+  per_sequence = jnp.sum(fraction * mean_affinity, axis=-1)
+  has_tokens = (tokens > 0).astype(jnp.float32)
+  return jnp.sum(per_sequence * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
 def router_z_loss(logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits [N,E]; valid [N] as above."""
   return masked_mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2, valid)

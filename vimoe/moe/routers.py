@@ -54,10 +54,12 @@ class Router(nnx.Module):
   has_load_loss: ClassVar[bool] = False      # Shazeer's load loss (needs router noise)
   learns_routing: ClassVar[bool] = True      # False: nothing to balance (no importance, balance or z-loss)
   needs_token_ids: ClassVar[bool] = False
+  affinity_routing: ClassVar[bool] = False   # accepts the DeepSeek-style settings (score, bias, groups, ...)
 
   def __init__(self, dim: int, config: MoeConfig, *, rngs: nnx.Rngs):
     del dim, rngs
     self.num_experts, self.normalize_gates = config.num_experts, config.normalize_gates
+    self.sequence_balance = config.sequence_balance_weight > 0
     self.deterministic = False
 
   @classmethod
@@ -80,8 +82,10 @@ class Router(nnx.Module):
     del ids
     return jnp.argmax(self.logits(features), axis=-1).astype(jnp.int32)
 
-  def route(self, features, *, ids, k: int, capacity, batch_priority: bool, deterministic: bool, valid):
-    """-> (what `run_experts` needs: an Assignment for discrete routers, metrics)."""
+  def route(self, features, *, ids, k: int, capacity, batch_priority: bool, deterministic: bool, valid,
+            sequences: int | None = None):
+    """-> (what `run_experts` needs: an Assignment for discrete routers, metrics). `sequences`: how many
+    sequences (batch rows) the G*S units come from, in order (None: one per group), for per-sequence losses."""
     raise NotImplementedError
 
   def run_experts(self, experts, units, routed, **dispatch_args):
@@ -116,31 +120,89 @@ class TokenChoiceRouter(Router):
     """The first of a unit's choices (routers with logits: their arg-max, as Router does)."""
     return self.gate(features, 1, ids=ids).expert_index[..., 0]
 
-  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid):
+  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid, sequences=None):
     g = self.gate(features, k, ids=ids, deterministic=deterministic, valid=valid)
     assignment = routing.assign_slots(g.expert_index, g.gates, self.num_experts, capacity,
                                       g.priority if batch_priority else None, valid)
     metrics = losses_lib.token_choice_metrics(g.probs, g.logits, g.expert_index, g.gates, assignment.kept,
                                               self.num_experts, valid)
     metrics.update(g.metrics)
+    if self.sequence_balance:
+      metrics["sequence_balance_loss"] = sequence_balance_metric(g, valid, sequences)
     return assignment, metrics
+
+
+def sequence_balance_metric(g: Gating, valid, sequences: int | None) -> jax.Array:
+  """DeepSeek-V3's sequence-wise balance loss of a gating over units [G,S] that come from `sequences` rows."""
+  G, S, K = g.expert_index.shape
+  B = G if sequences is None else sequences
+  per_row = lambda t: t.reshape((B, G * S // B) + t.shape[2:])
+  return losses_lib.sequence_balance_loss(per_row(g.probs), per_row(g.expert_index),
+                                          None if valid is None else per_row(valid))
+
+
+class RouterBias(nnx.Variable):
+  """The per-expert routing bias of auxiliary-loss-free balancing [E]: not an nnx.Param, so it gets no gradient
+  and the optimizer never touches it; it is saved in checkpoints with the rest of the model state."""
 
 
 @register_router
 class TopKRouter(TokenChoiceRouter):
   """Softmax top-k (Switch, GShard, V-MoE): `kernel` [D,E]. Batch priority orders by top-1 router probability (a
-  renormalised k=1 gate is 1 for every token)."""
+  renormalised k=1 gate is 1 for every token).
+
+  DeepSeek-style routing (docs/design.md): sigmoid scores, routed_scale, group-limited choice and, with
+  bias_update_rate > 0, `bias` [E] (a RouterBias) added to the scores that choose experts and updated after every
+  training call (deterministic=False) by bias_update_rate * sign(mean load - load) from the call's loads."""
   name = "top_k"
-  first_choice = Router.first_choice
+  affinity_routing = True
 
   def __init__(self, dim, config, *, rngs):
     super().__init__(dim, config, rngs=rngs)
     self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (dim, config.num_experts)))
+    self._init_affinity(config)
+
+  def _init_affinity(self, config: MoeConfig) -> None:
+    self.score, self.routed_scale = config.score, config.routed_scale
+    self.num_groups, self.groups_per_token = config.num_groups, config.groups_per_token
+    self.bias_update_rate = config.bias_update_rate
+    self.bias = RouterBias(jnp.zeros((config.num_experts,), jnp.float32)) if config.bias_update_rate > 0 else None
+    # Every setting off: the softmax top-k exactly as before they existed.
+    self.plain = (config.score == "softmax" and config.routed_scale == 1.0 and self.bias is None
+                  and config.num_groups == 1)
+
+  def first_choice(self, features, ids):
+    if self.plain:
+      return Router.first_choice(self, features, ids)
+    return TokenChoiceRouter.first_choice(self, features, ids)  # the bias and the groups change the choice
 
   def gate(self, features, k, *, ids=None, deterministic=True, valid=None):
     logits = self.logits(features)
-    expert_index, gates, probs = routing.top_k_gating(logits, k, self.normalize_gates)
-    return Gating(expert_index, gates, probs, logits, jnp.max(probs, -1), {})
+    if self.plain:
+      expert_index, gates, probs = routing.top_k_gating(logits, k, self.normalize_gates)
+      return Gating(expert_index, gates, probs, logits, jnp.max(probs, -1), {})
+    bias = None if self.bias is None else self.bias[...]
+    expert_index, gates, scores = routing.affinity_gating(
+        logits, k, score=self.score, normalize=self.normalize_gates, routed_scale=self.routed_scale, bias=bias,
+        num_groups=self.num_groups, groups_per_token=self.groups_per_token)
+    # The balance metrics and losses read normalised affinities s / sum(s) (softmax: already normalised).
+    probs = (scores if self.score == "softmax"
+             else scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny))
+    metrics = {}
+    if self.bias is not None:
+      metrics["bias_range"] = jnp.max(bias) - jnp.min(bias)
+      if not deterministic:
+        self.update_bias(expert_index, valid)
+    return Gating(expert_index, gates, probs, logits, jnp.max(scores, -1), metrics)
+
+  def update_bias(self, expert_index: jax.Array, valid: jax.Array | None) -> None:
+    """bias += rate * sign(mean load - load): load_e = the call's (valid) choices of expert e, all groups
+    together (under a mesh, a global sum, so every replica makes the same update). No gradient flows."""
+    one_hot = jax.nn.one_hot(expert_index, self.num_experts, dtype=jnp.float32)               # [G,S,K,E]
+    if valid is not None:
+      one_hot = one_hot * valid[..., None, None].astype(jnp.float32)
+    load = jax.lax.stop_gradient(jnp.sum(one_hot, axis=tuple(range(one_hot.ndim - 1))))       # [E]
+    self.bias[...] = self.bias[...] + self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
 
 
 @register_router
@@ -193,7 +255,7 @@ class ExpertsChooseRouter(Router):
       raise ValueError("capacity_factor=None with router='experts_choose': each expert takes its top-C tokens, "
                        "so a capacity factor (> 0) is required")
 
-  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid):
+  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid, sequences=None):
     E = self.num_experts
     logits = self.logits(features)
     probs = jax.nn.softmax(logits, -1)
@@ -244,7 +306,7 @@ class SoftRouter(Router):
   def first_choice(self, features, ids):
     raise ValueError("router='soft' has no first-choice expert: every slot is a mixture of all tokens")
 
-  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid):
+  def route(self, features, *, ids, k, capacity, batch_priority, deterministic, valid, sequences=None):
     weights = routing.soft_routing(features, self.kernel[...], self.scale[...], valid)
     combine = weights[1]
     mass = jnp.sum(combine if valid is None else combine * valid[..., None, None], axis=(0, 1, 3))
@@ -268,6 +330,7 @@ class PrototypeRouter(TopKRouter):
   def __init__(self, dim, config, *, rngs):  # pylint: disable=super-init-not-called
     Router.__init__(self, dim, config, rngs=rngs)
     self.kernel = nnx.Param(jax.random.normal(rngs.params(), (dim, config.num_experts)))
+    self._init_affinity(config)
 
   def logits(self, features):
     return routing.prototype_logits(features, self.kernel[...])

@@ -3,10 +3,11 @@
 Models (config.model.name): "transformer" | "umoe" -> `vimoe.models.lm.build_lm`, "lstm_moe" ->
 `vimoe.models.lstm.build_lstm_lm`. Every model is called as
 
-    logits, aux = model(tokens, deterministic=...)   # tokens int32 [B, T] -> logits float32 [B, T, V]
+    logits, aux = model(tokens, deterministic=..., mask=...)   # tokens int32 [B, T] -> logits float32 [B, T, V]
     aux = {"losses": {name: weighted aux loss}, "metrics": {"block{i}": MoE metrics of block i}}
 
-Data: vimoe.data.text batches {"inputs", "targets", "mask"} [B, T]; only tokens with mask 1 count.
+Data: vimoe.data.text batches {"inputs", "targets", "mask"} [B, T]; only tokens with mask 1 count, and the mask
+goes to the model in training and evaluation (padding takes no expert capacity and counts in no routing loss).
 
 Training loss: mean next-token cross-entropy over the mask-1 tokens (with config.label_smoothing, usually 0) plus
 the model's auxiliary losses. Evaluation sums the negative log-likelihood and the token count over all batches:
@@ -45,10 +46,10 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: 
 class LanguageModeling(Task):
   """Next-token prediction on text: cross-entropy training, perplexity and routing statistics in evaluation."""
 
-  train_routing_keys = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction")
+  train_routing_keys = ("importance_cv", "load_cv", "max_mean_load", "dropped_fraction", "bias_range")
   # Averaged over evaluation batches weighted by their tokens.
   eval_routing_keys = ("expert_load", "importance_cv", "load_cv", "max_mean_load", "smooth_load_cv",
-                       "dropped_fraction")
+                       "dropped_fraction", "bias_range")
 
   def build_model(self, config, rngs):
     name = config.model.get("name")
@@ -76,7 +77,8 @@ class LanguageModeling(Task):
     return build_text_dataset(config.data, split, batch_size=batch_size, seed=seed, train=train)
 
   def loss(self, model, batch, config):
-    logits, aux = model(batch["inputs"], deterministic=False)               # [B, T, V]
+    # Padding (mask 0: lm1b's packed rows) takes no expert capacity and counts in no routing loss or statistic.
+    logits, aux = model(batch["inputs"], deterministic=False, mask=batch["mask"] > 0)     # [B, T, V]
     mask = batch["mask"].astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
     nll = token_cross_entropy(logits, batch["targets"], config.label_smoothing)  # [B, T]

@@ -87,17 +87,20 @@ class Segmentation(Task):
         task_loss, aux, {"train/pixel_accuracy": jnp.sum(valid * correct) / jnp.maximum(jnp.sum(valid), 1.0)},
         aux_losses={} if frozen else None)
 
-  def predict(self, model, images, config):
-    """Logits [B, H, W, K] for evaluation: one pass, or a sliding window when the image exceeds the crop."""
+  def predict(self, model, images, config, mask=None):
+    """Logits [B, H, W, K] for evaluation: one pass, or a sliding window when the image exceeds the crop.
+    mask [B] (optional): the real images (padding rows take no expert capacity and count in no statistic)."""
     from vimoe.models.segmentation import sliding_window_logits
     crop, stride = eval_window(config)
     if crop and (images.shape[1] > crop or images.shape[2] > crop):
-      return sliding_window_logits(lambda window: model(window, deterministic=True), images, crop, stride)
-    return model(images, deterministic=True)
+      return sliding_window_logits(lambda window: model(window, deterministic=True, mask=mask), images, crop,
+                                   stride)
+    return model(images, deterministic=True, mask=mask)
 
   def eval_batch(self, model, batch):
-    logits, aux = self.predict(model, batch["image"], self.config)
     labels = batch["label"]
+    # Evaluation batches end with padding rows whose every pixel is ignored: they are left out of the routing.
+    logits, aux = self.predict(model, batch["image"], self.config, mask=jnp.any(labels >= 0, axis=(1, 2)))
     num_classes = logits.shape[-1]
     valid = (labels >= 0).astype(jnp.float32)
     sums = {"confusion": confusion_matrix(jnp.argmax(logits, -1), labels, num_classes),

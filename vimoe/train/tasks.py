@@ -2,7 +2,8 @@
 
 A task is a `Task` subclass. It defines
   build_model(config, rngs) -> nnx.Module            (model(inputs, deterministic=..., mask=None) -> (outputs,
-                                                     aux dict); evaluation passes the padding mask)
+                                                     aux dict); evaluation, and training where batches hold
+                                                     padding (LM), pass the padding mask)
   build_data(config, split, *, train, seed, batch_size) -> grain iterable of dict batches
   loss(model, batch, config) -> (scalar loss, dict of scalar metrics)      (training, under grad)
   eval_batch(model, batch) -> dict of summed statistics                   (summed over batches)
@@ -40,8 +41,8 @@ class Task:
   """What every task shares: aux losses, routing statistics and the defaults of the optional methods."""
 
   # Routing statistics (names of MoE metrics) reported in training metrics, and averaged over evaluation.
-  train_routing_keys = ("dropped_fraction",)
-  eval_routing_keys = ("dropped_fraction", "expert_load", "load_cv", "importance_cv")
+  train_routing_keys = ("dropped_fraction", "bias_range")
+  eval_routing_keys = ("dropped_fraction", "expert_load", "load_cv", "importance_cv", "bias_range")
 
   def trainable(self, config):
     """What the optimizer updates (a task may freeze parts, e.g. a linear probe on a frozen backbone)."""
