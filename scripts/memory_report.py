@@ -162,11 +162,8 @@ def print_report(out: dict) -> None:
 
 def main(argv) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   del argv
-  config = _CONFIG.value
-  print_report(report(config, flags.FLAGS.mesh_expert, flags.FLAGS.mesh_data, not flags.FLAGS.no_compile))
-  del config_flags
+  print_report(report(_CONFIG.value, flags.FLAGS.mesh_expert, flags.FLAGS.mesh_data, not flags.FLAGS.no_compile))
 
 
 if __name__ == "__main__":
