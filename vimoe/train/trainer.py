@@ -304,6 +304,8 @@ class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
       return super().restore(directory, item=item)
     files = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
     states = {path.read_text() for path in files}
+    if not files:
+      raise ValueError(f"{directory} holds no data-iterator state (no process_*-of-*.json)")
     if len(states) != 1:
       raise ValueError(f"{directory} holds no data-iterator state for process {jax.process_index()} of "
                        f"{jax.process_count()} ({own.name}), and its files {[path.name for path in files]} do not all "
