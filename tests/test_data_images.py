@@ -114,18 +114,30 @@ def test_digits_augmentation_is_a_small_shift_with_zero_background():
   assert moved > 0
 
 
-def test_multi_process_shards_are_disjoint_and_even():
+def test_multi_process_batches_are_blocks_of_the_global_batch():
+  """Process p's batch t is rows [7p, 7p + 7) of the one-process batch t: every step sees the same global batch
+  whatever the process count (multi-process runs reproduce one-process runs)."""
   config = digits_config()
   shards = [take(iter(data.build_image_dataset(config, "train", batch_size=14, seed=2, train=True,
                                                process_index=p, process_count=2)), 103) for p in range(2)]
+  single = take(iter(data.build_image_dataset(config, "train", batch_size=14, seed=2, train=True,
+                                              process_index=0, process_count=1)), 103)
   assert all(b["image"].shape[0] == 7 for shard in shards for b in shard)  # local batch = 14 / 2
-  rows = [image_rows(shard) for shard in shards]  # 2 * 103 * 7 = 1442: one epoch
+  for t, whole in enumerate(single):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([shards[0][t][key], shards[1][t][key]]), whole[key])
+  rows = [image_rows(shard) for shard in shards]  # 2 * 103 * 7 = 1442: one epoch, disjoint
   assert not set(rows[0]) & set(rows[1]) and len(set(rows[0]) | set(rows[1])) == 1442
   evals = [list(data.build_image_dataset(config, "test", batch_size=64, seed=0, train=False, process_index=p,
                                          process_count=2)) for p in range(2)]
-  assert len(evals[0]) == len(evals[1]) == 6  # 178 and 177 examples, padded to 6 batches of 32
-  eval_rows = [image_rows(e) for e in evals]
-  assert (len(eval_rows[0]), len(eval_rows[1])) == (178, 177) and not set(eval_rows[0]) & set(eval_rows[1])
+  single_eval = list(data.build_image_dataset(config, "test", batch_size=64, seed=0, train=False, process_index=0,
+                                              process_count=1))
+  assert len(evals[0]) == len(evals[1]) == len(single_eval) == 6  # 355 examples padded to 6 batches of 2 x 32
+  for t, whole in enumerate(single_eval):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([evals[0][t][key], evals[1][t][key]]), whole[key])
+  labels = np.concatenate([b["label"] for b in single_eval])
+  assert (labels >= 0).sum() == 355 and np.all(labels[355:] == data.PAD_LABEL)
 
 
 def test_iterator_resumes_from_saved_state():

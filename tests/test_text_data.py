@@ -82,17 +82,25 @@ def test_every_evaluation_token_is_a_target_exactly_once(process_count):
   assert len({len(batches) for batches in per_process}) == 1   # same number of batches everywhere
   for batches in per_process:
     assert all(batch["inputs"].shape == (8, SEQ_LEN) for batch in batches)   # full batches, padded
-  # Window w went to process w mod P, in order: put them back in global order.
-  windows = [[(row_in, row_t, row_m) for batch in batches
-              for row_in, row_t, row_m in zip(batch["inputs"], batch["targets"], batch["mask"])]
-             for batches in per_process]
-  ordered = [windows[w % process_count][w // process_count] for w in range(sum(map(len, windows)))]
+  # Process p's batch t holds rows [8p, 8p + 8) of global batch t: put the blocks back in global order.
+  ordered = [(row_in, row_t, row_m) for step in zip(*per_process) for batch in step
+             for row_in, row_t, row_m in zip(batch["inputs"], batch["targets"], batch["mask"])]
   targets = np.concatenate([t[m == 1] for _, t, m in ordered])
   np.testing.assert_array_equal(targets, stream)              # each token once, in order, nothing else
   inputs = np.concatenate([i[m == 1] for i, _, m in ordered])
   np.testing.assert_array_equal(inputs, np.concatenate([[10], stream[:-1]]))  # the previous token (eos first)
   masks = np.concatenate([m for _, _, m in ordered])
   assert masks.sum() == len(stream) and set(np.unique(masks)) <= {0.0, 1.0}
+
+
+def test_multi_process_training_batches_are_blocks_of_the_global_batch():
+  config = shakespeare()
+  single = collect(config, "train", batch_size=8, train=True, batches=5)
+  shards = [collect(config, "train", batch_size=8, train=True, process_index=p, process_count=2, batches=5)
+            for p in range(2)]
+  for t, whole in enumerate(single):
+    for key in ("inputs", "targets", "mask"):
+      np.testing.assert_array_equal(np.concatenate([shards[0][t][key], shards[1][t][key]]), whole[key])
 
 
 def test_max_eval_batches_keeps_the_first_windows():

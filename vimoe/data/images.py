@@ -6,7 +6,8 @@
     state = it.get_state()              # == iterator_state(it): a JSON-serialisable dict
     it = iter(ds); it.set_state(state)  # == restore_iterator(it, state): continues with the next batch
 
-`batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows of its own shard.
+`batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows, its block of the
+global batch of the step (the global batches do not depend on the process count).
 
 Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Image classification'.
 """
@@ -162,31 +163,36 @@ def check_loader_args(batch_size: int, seed: int, num_epochs: int | None, proces
   return process_index, process_count, batch_size // process_count
 
 
-def shard_examples(ds: grain.MapDataset, transform, *, train: bool, split: str, process_index: int,
-                   process_count: int, local_batch: int, num_epochs: int | None, pad_element: dict) -> grain.MapDataset:
-  """This process's examples of a seeded MapDataset, transformed, before batching.
+def shard_batches(ds: grain.MapDataset, transform, *, train: bool, split: str, process_index: int,
+                  process_count: int, local_batch: int, num_epochs: int | None, pad_element: dict) -> grain.MapDataset:
+  """This process's batches of a seeded MapDataset, transformed: its rows of every GLOBAL batch.
 
-  Training: shuffled, cut to a multiple of the process count (every process the same number of examples), taken
-  every process_count-th, repeated `num_epochs` times (None = forever). Evaluation: in order, taken every
-  process_count-th, padded with `pad_element` to the same whole number of batches on every process.
+  The global stream is the same for every process count: training shuffles (reshuffled every epoch), repeats
+  `num_epochs` times (None = forever) and drops the last partial global batch; evaluation keeps the order and pads
+  the end with `pad_element` to a whole number of global batches. Global batch t is rows [t B, (t + 1) B) of that
+  stream (B = local_batch x process_count) and process p yields its rows [t B + p b, t B + (p + 1) b) (b =
+  local_batch): the block `jax.make_array_from_process_local_data` expects from it when the batch axis is split
+  over devices in process order. So a run gives every step the same global batch whatever the process count, and
+  every process's iterator is at the same position (its state counts steps).
   """
+  global_batch = local_batch * process_count
   if train:
     ds = _apply(ds.shuffle(), transform)
-    even = len(ds) - len(ds) % process_count
-    ds = ds[:even][process_index::process_count]
-    if len(ds) < local_batch:
-      raise ValueError(f"split {split!r} gives each of {process_count} processes {len(ds)} examples, fewer than "
-                       f"one batch of {local_batch}")
-    return ds.repeat(num_epochs)
-  length = len(ds)
-  ds = _apply(ds, transform)[process_index::process_count]
-  # Same number of full batches on every process: pad up to the largest shard, rounded up to whole batches.
-  padded_length = math.ceil(math.ceil(length / process_count) / local_batch) * local_batch
-  if padded_length > len(ds):
-    ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad_element] * (padded_length - len(ds)))])
-  if num_epochs is not None and num_epochs > 1:
-    ds = ds.repeat(num_epochs)
-  return ds
+    if len(ds) < global_batch:
+      raise ValueError(f"split {split!r} holds {len(ds)} examples, fewer than one global batch of {global_batch} "
+                       f"({process_count} process(es) x {local_batch})")
+    batches = ds.repeat(num_epochs).batch(local_batch, drop_remainder=True)
+  else:
+    length = len(ds)
+    ds = _apply(ds, transform)
+    padded_length = math.ceil(length / global_batch) * global_batch
+    if padded_length > length:
+      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([pad_element] * (padded_length - length))])
+    batches = ds.batch(local_batch)
+    if num_epochs is not None and num_epochs > 1:
+      batches = batches.repeat(num_epochs)
+  whole = len(batches) - len(batches) % process_count  # only whole global batches
+  return batches[:whole][process_index::process_count]
 
 
 def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train: bool,
@@ -210,13 +216,11 @@ def build_image_dataset(config, split: str, *, batch_size: int, seed: int, train
   source, transform = _source_and_transform(cfg, split, augment=train and cfg["augment"])
   pad_element = {"image": np.zeros((cfg["image_size"], cfg["image_size"], 3), np.float32),
                  "label": np.int32(PAD_LABEL)}
-  ds = shard_examples(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
-                      process_index=process_index, process_count=process_count, local_batch=local_batch,
-                      num_epochs=num_epochs, pad_element=pad_element)
-
   # Batching before the threads and workers split the work makes the batches independent of read_threads and
   # num_workers; each thread builds whole batches, and at most read_threads of them wait in the buffer.
-  ds = ds.batch(local_batch, drop_remainder=train)
+  ds = shard_batches(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
+                     process_index=process_index, process_count=process_count, local_batch=local_batch,
+                     num_epochs=num_epochs, pad_element=pad_element)
   read_options = grain.ReadOptions(num_threads=cfg["read_threads"], prefetch_buffer_size=cfg["read_threads"])
   iter_ds = ds.to_iter_dataset(read_options)
   return prefetch_in_workers(iter_ds, cfg["num_workers"])

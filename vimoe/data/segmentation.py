@@ -308,7 +308,7 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
   one ordered pass; every process yields the same number of full batches, the end padded with all-ignored rows.
   ADE20K evaluation images keep their own sizes, so their batch must hold one image per process.
   """
-  from vimoe.data.images import check_loader_args, shard_examples  # pylint: disable=import-outside-toplevel
+  from vimoe.data.images import check_loader_args, shard_batches  # pylint: disable=import-outside-toplevel
   cfg = resolve_config(config)
   _check_split(cfg["name"], split)
   process_index, process_count, local_batch = check_loader_args(batch_size, seed, num_epochs, process_index,
@@ -329,10 +329,9 @@ def build_segmentation_dataset(config, split: str, *, batch_size: int, seed: int
                        "and need the random crop to batch")
     pad_shape = (cfg["crop_size"],) * 2
   pad = {"image": np.zeros(pad_shape + (3,), np.float32), "label": np.full(pad_shape, IGNORE_LABEL, np.int32)}
-  ds = shard_examples(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
-                      process_index=process_index, process_count=process_count, local_batch=local_batch,
-                      num_epochs=num_epochs, pad_element=pad)
-  ds = ds.batch(local_batch, drop_remainder=train)
+  ds = shard_batches(grain.MapDataset.source(source).seed(seed), transform, train=train, split=split,
+                     process_index=process_index, process_count=process_count, local_batch=local_batch,
+                     num_epochs=num_epochs, pad_element=pad)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg["name"] == "digit_canvas" else 8,
                                                  prefetch_buffer_size=0 if cfg["name"] == "digit_canvas" else 8))
   return prefetch_in_workers(iter_ds, cfg["num_workers"])

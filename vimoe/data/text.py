@@ -6,7 +6,8 @@
     state = it.get_state()              # a JSON-serialisable dict; it.set_state(state) continues from there
 
 `targets[:, t]` is the token that follows `inputs[:, t]`; `mask` is 1 where the target is a real token and 0 on
-padding. `batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows.
+padding. `batch_size` is the GLOBAL batch: each process yields b = batch_size / jax.process_count() rows, its block
+of the global batch (shakespeare and evaluation batches do not depend on the process count; lm1b packs per process).
 
 Config keys, splits, order, padding and iterator checkpointing: docs/data.md, 'Language modelling'.
 """
@@ -276,15 +277,19 @@ class RandomWindow(grain.transforms.RandomMap):
 
 
 class EvalWindow(grain.transforms.Map):
-  """Local window index i -> global window w = i * P + p of [eos] + stream (consecutive, overlapping by one token);
-  windows past the end are all padding (mask 0)."""
+  """Local window index i -> global window w of [eos] + stream (consecutive, overlapping by one token); windows
+  past the end are all padding (mask 0). Process p's local batch t holds global windows [t B + p b, t B + (p + 1) b)
+  (b rows per process, B = b P): its block of global batch t."""
 
-  def __init__(self, stream: np.ndarray, eos_id: int, seq_len: int, process_index: int, process_count: int):
+  def __init__(self, stream: np.ndarray, eos_id: int, seq_len: int, process_index: int, process_count: int,
+               local_batch: int = 1):
     self.context = np.concatenate([np.asarray([eos_id], np.int32), stream])  # [N + 1]: token 0 has context
     self.seq_len, self.process_index, self.process_count = seq_len, process_index, process_count
+    self.local_batch = local_batch
 
   def map(self, element):
-    window_index = int(element) * self.process_count + self.process_index
+    batch, row = divmod(int(element), self.local_batch)
+    window_index = (batch * self.process_count + self.process_index) * self.local_batch + row
     T = self.seq_len
     start = window_index * T
     window = self.context[start:start + T + 1]
@@ -356,9 +361,11 @@ def build_text_dataset(config, split: str, *, batch_size: int, seed: int, train:
       raise ValueError(f"config.seq_len={T} is not shorter than the {len(stream)} tokens of split {split!r}")
     windows_per_epoch = (len(stream) - 1) // T
     ds = grain.MapDataset.range(windows_per_epoch).seed(seed).repeat(num_epochs)
-    # Windows are drawn before the process split, so each global position (and process) gets its own window.
-    ds = ds.random_map(RandomWindow(stream, T))[process_index::process_count]
-    iter_ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset(read_options)
+    # Windows are drawn before the process split, so each global position gets its own window; process p takes
+    # its block of every global batch (rows [t B + p b, t B + (p + 1) b)), as the image loaders do.
+    ds = ds.random_map(RandomWindow(stream, T)).batch(local_batch, drop_remainder=True)
+    ds = ds[:len(ds) - len(ds) % process_count][process_index::process_count]
+    iter_ds = ds.to_iter_dataset(read_options)
   elif train:
     source = open_lm1b(split, cfg["data_dir"])
     ds = grain.MapDataset.source(source).seed(seed).shuffle()
@@ -379,7 +386,7 @@ def build_text_dataset(config, split: str, *, batch_size: int, seed: int, train:
     if max_batches is not None:
       local_batches = min(local_batches, max_batches)
     ds = grain.MapDataset.range(local_batches * local_batch)
-    ds = ds.map(EvalWindow(stream, tokenizer.eos_ids[-1], T, process_index, process_count))
+    ds = ds.map(EvalWindow(stream, tokenizer.eos_ids[-1], T, process_index, process_count, local_batch))
     if num_epochs is not None and num_epochs > 1:
       ds = ds.repeat(num_epochs)
     iter_ds = ds.batch(local_batch, drop_remainder=False).to_iter_dataset(read_options)

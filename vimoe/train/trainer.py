@@ -15,6 +15,7 @@ checkpoint is written only from state that every step so far kept finite and who
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import json
@@ -25,6 +26,7 @@ import shutil
 import socket
 import sys
 import time
+from typing import Any
 
 import grain
 import jax
@@ -289,12 +291,50 @@ class MetricWriter:
 
 # Checkpoints.
 
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler (one `process_I-of-N.json` per process), which also restores a checkpoint written by
+  another number of processes when all its processes saved the same state. They do with the data pipelines here
+  (vimoe/data): every process yields its block of the same global batch, so its iterator state counts steps only,
+  and a run written by 2 processes resumes in 1 (tests/test_multiprocess.py)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = pathlib.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item)
+    files = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
+    states = {path.read_text() for path in files}
+    if not files:
+      raise ValueError(f"{directory} holds no data-iterator state (no process_*-of-*.json)")
+    if len(states) != 1:
+      raise ValueError(f"{directory} holds no data-iterator state for process {jax.process_index()} of "
+                       f"{jax.process_count()} ({own.name}), and its files {[path.name for path in files]} do not all "
+                       f"hold the same state, so it cannot resume with another process count; resume with the "
+                       f"process count that wrote it")
+    state = states.pop()
+    item.set_state(json.loads(state) if isinstance(item, grain.DatasetIterator) else state.encode())
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 def _checkpoint_manager(workdir: pathlib.Path, config, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
                                          read_only=read_only)
   return ocp.CheckpointManager(workdir / "checkpoints", options=options,
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "data": grain.checkpoint.CheckpointHandler()})
+                                              "data": DataIteratorHandler()})
 
 
 # Everything in the model but RNG keys (re-derived from the seed; the RNG counters are saved, so a resumed run
@@ -334,7 +374,7 @@ def _restore_newest_good(workdir, config, model, optimizer, train_data):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_train_state(model, optimizer)),
-          data=grain.checkpoint.CheckpointRestore(train_iter)))
+          data=DataIteratorRestore(train_iter)))
     except Exception as error:  # pylint: disable=broad-except  (any damage: TensorStore, JSON, pytree errors)
       failures.append((step, _short(error)))
       print(f"Checkpoint {step} does not restore ({_short(error)}); trying the one before", file=sys.stderr,
@@ -617,7 +657,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
               f"{step}; stopping. Last good checkpoint: {_last_good(manager)}")
         nnx.update((model, optimizer), state)
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
-                                                   data=grain.checkpoint.CheckpointSave(train_iter)))
+                                                   data=DataIteratorSave(train_iter)))
       if evaluation:
         nnx.update((model, optimizer), state)
         final = evaluate(task, model, config, eval_step, mesh)
