@@ -54,6 +54,19 @@ def block_router_features(vit, images: jax.Array) -> dict:
   return features
 
 
+@nnx.jit
+def _gates(vit, images):
+  """{"block{i}": (expert_index, gates), each [B, K] or [B, T, K]} of every MoE block, routed as in evaluation."""
+  features = block_router_features(vit, images)
+  out = {}
+  for index, block in enumerate(vit.blocks):
+    name = f"block{index}"
+    if name in features:
+      gating = block.mlp.router.gate(features[name].astype(jnp.float32), block.mlp.k, deterministic=True)
+      out[name] = (gating.expert_index, gating.gates)
+  return out
+
+
 def routing_statistics(model, batches, *, max_batches: int | None = None) -> dict:
   """Routes batches ({"image", "label"}; label -1 = padding, left out) through a classification ViMoE and counts,
   per MoE block, every expert's traffic share, mean gate and gate mass (module docstring).
@@ -70,24 +83,13 @@ def routing_statistics(model, batches, *, max_batches: int | None = None) -> dic
       raise ValueError(f"{name}: router={layer.router_kind!r} is not a token-choice router; routing statistics "
                        "need its gates (top_k, noisy_top_k, ...)")
 
-  @nnx.jit
-  def gates(vit, images):
-    features = block_router_features(vit, images)
-    out = {}
-    for index, block in enumerate(vit.blocks):
-      name = f"block{index}"
-      if name in features:
-        gating = block.mlp.router.gate(features[name].astype(jnp.float32), block.mlp.k, deterministic=True)
-        out[name] = (gating.expert_index, gating.gates)
-    return out
-
   sums = {name: {"count": np.zeros(layer.num_experts), "gate": np.zeros(layer.num_experts), "units": 0}
           for name, layer in blocks.items()}
   for batch_index, batch in enumerate(batches):
     if max_batches is not None and batch_index >= max_batches:
       break
     valid = np.asarray(batch["label"]) >= 0                                        # [B]
-    for name, (index, gate) in gates(vit, jnp.asarray(batch["image"])).items():
+    for name, (index, gate) in _gates(vit, jnp.asarray(batch["image"])).items():
       index, gate = np.asarray(index), np.asarray(gate, np.float64)                # [B, K] or [B, T, K]
       unit_valid = np.broadcast_to(valid.reshape((-1,) + (1,) * (index.ndim - 1)), index.shape)
       index, gate = index[unit_valid], gate[unit_valid]
