@@ -20,6 +20,9 @@ MLPs, drop rarely used experts in the others, measure, fine-tune briefly. Reads 
    --measure_concat also evaluates the wider merge (hidden width (S + 1) x mlp_dim, in memory only).
 
 The fine-tunes run the trainer in W2/finetune_full and W2/finetune_pruned (rerunning resumes or reuses them).
+
+    python scripts/prune_moe.py --summarize DIR     # markdown tables of DIR/*/prune_report.json, per model and
+                                                    # per arm (directory names 'shared=0' / 'shared=1') over seeds
 """
 
 import copy
@@ -44,7 +47,7 @@ _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 100, "Fine-tune steps f
 _TIMING_ROUNDS = flags.DEFINE_integer("timing_rounds", 6, "Alternating timing rounds (before, after).")
 _TIMING_STEPS = flags.DEFINE_integer("timing_steps", 10, "Train steps per model per round.")
 _MEASURE_CONCAT = flags.DEFINE_bool("measure_concat", False, "Also evaluate the (S + 1) x mlp_dim merge.")
-flags.mark_flags_as_required(["workdir", "out"])
+_SUMMARIZE = flags.DEFINE_string("summarize", None, "Instead: print the tables of every DIR/*/prune_report.json.")
 
 STATS_SEED_OFFSET = 7919  # the statistics' shuffle seed is config.seed + this: not the training run's data order
 
@@ -129,9 +132,51 @@ def concat_model(full_model, pruned_model, config, dense_blocks, mass_by_block):
   return vit
 
 
+def summary_tables(root) -> str:
+  """Markdown tables of root/*/prune_report.json: one row per model, then mean ± std per arm (the directories
+  whose name holds the same 'shared=S'), with the paired difference of the two fine-tuned models."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rows, arms = [], {}
+  for path in sorted(pathlib.Path(root).glob("*/prune_report.json")):
+    report = json.loads(path.read_text())
+    top1, tuned, sizes = report["top1"], report["top1_finetuned"], report["sizes"]
+    row = dict(name=path.parent.name, kept=",".join(b[5:] for b in report["kept_blocks"]) or "none",
+               experts=report["num_experts_after"], ratio=report["step_time_ratio"]["median"],
+               sizes=sizes, full=100 * top1["full"], pruned=100 * top1["pruned"],
+               concat=100 * top1.get("pruned_concat", float("nan")), full_ft=100 * tuned.get("full", float("nan")),
+               pruned_ft=100 * tuned.get("pruned", float("nan")))
+    rows.append(row)
+    arm = next((part for part in row["name"].split(",") if part.startswith("shared=")), "all")
+    arms.setdefault(arm, []).append(row)
+  lines = ["| model | MoE blocks kept | experts | params full -> pruned | activated full -> pruned | step time "
+           "pruned/full | top-1 full | pruned | pruned (concat merge) | full + ft | pruned + ft |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    full, pruned = r["sizes"]["full"], r["sizes"]["pruned"]
+    lines.append(f"| {r['name']} | {r['kept']} | {r['experts']} | {full['params']:,} -> {pruned['params']:,} | "
+                 f"{full['activated']:,} -> {pruned['activated']:,} | {r['ratio']:.3f} | {r['full']:.2f} | "
+                 f"{r['pruned']:.2f} | {r['concat']:.2f} | {r['full_ft']:.2f} | {r['pruned_ft']:.2f} |")
+  spread = lambda v: f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+  lines += ["", "| arm | seeds | step time pruned/full | top-1 full | pruned | pruned (concat) | full + ft | "
+            "pruned + ft | pruned+ft minus full+ft (paired) |", "|---|---|---|---|---|---|---|---|---|"]
+  for arm, group in sorted(arms.items()):
+    values = lambda key: [r[key] for r in group]
+    ratio = values("ratio")
+    ratio_text = f"{np.mean(ratio):.3f} ± {np.std(ratio, ddof=1):.3f}" if len(ratio) > 1 else f"{ratio[0]:.3f}"
+    lines.append(f"| {arm} | {len(group)} | {ratio_text} | {spread(values('full'))} | {spread(values('pruned'))} | "
+                 f"{spread(values('concat'))} | {spread(values('full_ft'))} | {spread(values('pruned_ft'))} | "
+                 f"{spread([r['pruned_ft'] - r['full_ft'] for r in group])} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _SUMMARIZE.value:
+    print(summary_tables(_SUMMARIZE.value))
+    return
+  if not (_WORKDIR.value and _OUT.value):
+    sys.exit("prune_moe.py: --workdir and --out are required (or --summarize DIR)")
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vimoe.analysis import prune, routing  # pylint: disable=import-outside-toplevel
   from vimoe.checkpoints import save_params  # pylint: disable=import-outside-toplevel
