@@ -22,7 +22,9 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
 
   `path`: a directory written by scripts/convert_dinov2.py (or `dinov2.save_params`), a Hugging Face DINOv2
   directory, or a DINOv2 `.pth` / `.safetensors` / `.bin` file. A dense model takes the weights as they are;
-  a ViMoE model is upcycled (experts = copies of the dense MLPs, fresh routers, see upcycle.py). The model's own
+  a ViMoE model is upcycled (experts = copies of the dense MLPs, fresh routers, see upcycle.py), unless the
+  checkpoint already holds a router and experts for every MoE block of the model (an exported ViMoE run, a model
+  pruned by scripts/prune_moe.py): then it is copied as it is, as a dense one is. The model's own
   head is kept unless the checkpoint has one of the same shape; a different position grid is resampled. A vimoe
   training workdir is not read directly: vimoe.train.workdir.export_workdir turns its checkpoint into a parameter
   checkpoint.
@@ -34,7 +36,7 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
                      f"vimoe.train.workdir.export_workdir({path!r}, DIR) and pass DIR")
   else:
     params = to_vit_params(read_state_dict(path))
-  if vit_lib.moe_blocks(model):
+  if vit_lib.moe_blocks(model) and not _holds_moe_blocks(params, model):
     return upcycle_params(params, model, noise_std=noise_std, rng=rng)
   model_params = vit_lib.flat_params(model)
   head_fits = all(name in params and params[name].shape == model_params[name].shape
@@ -42,6 +44,13 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
   if not head_fits:  # no head in the checkpoint, or one for other classes: keep the model's fresh head
     params = {name: value for name, value in params.items() if not name.startswith("head.")}
   return vit_lib.assign_params(model, params, keep=() if head_fits else ("head",))
+
+
+def _holds_moe_blocks(params: dict, model: vit_lib.ViT) -> bool:
+  """Whether `params` has the routed experts and router of every MoE block of `model` (not a dense MLP there)."""
+  return all(f"blocks.{i}.mlp.experts.w_in" in params and any(name.startswith(f"blocks.{i}.mlp.router.")
+                                                              for name in params)
+             for i in vit_lib.moe_blocks(model))
 
 
 __all__ = ["dinov2", "load_dinov2", "load_pretrained", "read_state_dict", "restore_params", "save_params",
