@@ -337,3 +337,14 @@ def test_segmentation_evaluation_leaves_padding_images_out():
     for key in sums[0]:
       np.testing.assert_allclose(np.asarray(other[key]), np.asarray(sums[0][key]), rtol=1e-5, atol=1e-6,
                                  err_msg=key)
+  # With zero router kernels every image ties and picks expert 0, which has C = ceil(1 x 4 x 0.5 / 4) = 1 slot:
+  # unmasked, the padding row (position 0) would take it from the first real image. The padded batch must give
+  # what the 3 real images give alone (C = ceil(1 x 3 x 0.5 / 4) = 1 too).
+  for path, value in nnx.iter_graph(model):
+    if path and path[-1] == "kernel" and "router" in path:
+      value[...] = jnp.zeros_like(value[...])
+  images = np.random.RandomState(1).randn(4, 16, 16, 3).astype(np.float32)
+  padded = jax.device_get(task.eval_batch(model, {"image": jnp.asarray(images), "label": jnp.asarray(labels)}))
+  alone = jax.device_get(task.eval_batch(model, {"image": jnp.asarray(images[1:]),
+                                                 "label": jnp.asarray(labels[1:])}))
+  np.testing.assert_array_equal(np.asarray(padded["confusion"]), np.asarray(alone["confusion"]))
