@@ -20,45 +20,16 @@ one device it only narrows the choice).
 
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+
+from configs.lm_quickstart import get_config as lm_quickstart_config
 
 
 def get_config(arg=None):
-  del arg
-  config = ml_collections.ConfigDict()
-  config.task = "language_model"
-  config.seed = 0
-  config.batch_size = 16
-  config.eval_batch_size = 64
-  total_steps = ml_collections.FieldReference(1000)
-  config.total_steps = total_steps
-  config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 500
-  config.keep_checkpoints = 2
-  config.label_smoothing = 0.0
-
-  # The validation split (Macbeth and The Tempest, 201,868 bytes) is evaluated in full.
-  config.data = ml_collections.ConfigDict(dict(
-      name="shakespeare", seq_len=128, tokenizer="bytes", train_split="train", eval_split="validation",
-      max_eval_batches=ml_collections.config_dict.placeholder(int), num_workers=0))
-
-  config.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=256, dim=128, depth=4, num_heads=4, mlp_dim=512, max_length=128,
-      positions="rope", tie_embeddings=False, mlp_activation="gelu", norm="rmsnorm", dropout=0.0,
-      dtype="float32"))
+  config = lm_quickstart_config(arg)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers="every:1", num_experts=64, k=8, hidden_dim=32, shared_hidden_dim=128, router="top_k",
       capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=2,
       normalize_gates=True, score="sigmoid", routed_scale=1.0, bias_update_rate=1e-3, num_groups=1,
       groups_per_token=1, sequence_balance_weight=1e-4, balance_weight=0.0, z_loss_weight=0.0,
       importance_weight=0.0, load_weight=0.0))
-
-  # Used when there is more than one device: sizes None are inferred (vimoe.parallel.make_mesh).
-  config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
-
-  config.optim = ml_collections.ConfigDict(dict(
-      lr=2e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip_norm=1.0,
-      layer_decay=1.0))
-  config.optim.total_steps = total_steps
   return config
