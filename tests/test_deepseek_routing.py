@@ -5,6 +5,8 @@ and the bias through the optimizer and a trainer checkpoint. Checked against Num
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,8 @@ def numpy_choice(logits, k, *, score, normalize, scale=1.0, bias=None, num_group
     s = np.exp(row - row.max()) / np.sum(np.exp(row - row.max())) if score == "softmax" else 1 / (1 + np.exp(-row))
     choice = s + (0 if bias is None else np.asarray(bias, np.float64))
     size = len(row) // num_groups
-    group_score = [sum(sorted(choice[g * size:(g + 1) * size])[-2:]) for g in range(num_groups)]
+    top = math.ceil(k / groups_per_token)  # the group score rule: the sum of a group's top ceil(k / Kg)
+    group_score = [sum(sorted(choice[g * size:(g + 1) * size])[-top:]) for g in range(num_groups)]
     best_groups = sorted(range(num_groups), key=lambda g: -group_score[g])[:groups_per_token]
     allowed = [e for e in range(len(row)) if e // size in best_groups]
     chosen = sorted(allowed, key=lambda e: -choice[e])[:k]
@@ -78,6 +81,49 @@ def test_group_limited_choice_against_numpy_loop(num_experts, num_groups, groups
                              groups_per_token=groups_per_token)
   assert (free != index).any() or num_experts == num_groups
   assert (unbiased != index).any()
+
+
+def test_group_score_sums_the_top_ceil_k_over_groups_per_token_by_hand():
+  """One token, 2 groups of 4: group 0 = [0.9, 0.9, 0, 0] and group 1 = [0.6] * 4 (choice scores). Summing the
+  top 2 (k=4, Kg=2: ceil(4/2) = 2) group 0 scores 1.8 > 1.2 and wins; summing the top 4 (k=4, Kg=1) group 1
+  scores 2.4 > 1.8 and wins."""
+  choice = jnp.asarray([[0.9, 0.9, 0.0, 0.0, 0.6, 0.6, 0.6, 0.6]])
+  top2 = moe.routing.group_limited_mask(choice, 2, 1, 2)   # k=2, Kg=1: top 2
+  top4 = moe.routing.group_limited_mask(choice, 2, 1, 4)   # k=4, Kg=1: top 4
+  np.testing.assert_array_equal(np.asarray(top2[0]), [True] * 4 + [False] * 4)
+  np.testing.assert_array_equal(np.asarray(top4[0]), [False] * 4 + [True] * 4)
+
+
+@pytest.mark.parametrize("groups_per_token,top", [(2, 4), (4, 2)])
+def test_group_choice_for_k8_against_numpy_loop(groups_per_token, top):
+  """k=8 of 64 experts in 8 groups of 8. groups_per_token=4 is DeepSeek-V3's setting: its groups score their top
+  2 (ceil(8/4)); groups_per_token=2 scores the top 4 (ceil(8/2)). The NumPy loop picks the groups by the sum of
+  each group's `top` largest scores, written out here rather than through numpy_choice's rule."""
+  num_experts, num_groups, k = 64, 8, 8
+  r = router(num_experts=num_experts, k=k, score="sigmoid", normalize_gates=True, num_groups=num_groups,
+             groups_per_token=groups_per_token)
+  r.kernel[...] = jnp.asarray(np.random.RandomState(5).randn(D, num_experts), jnp.float32)
+  x = features(6, (4, 32))
+  g = r.gate(x, k)
+  scores = 1 / (1 + np.exp(-np.asarray(x @ r.kernel[...], np.float64))).reshape(-1, num_experts)   # [T, E]
+  size = num_experts // num_groups
+
+  def groups_by(sum_of_top, row):
+    group_score = [np.sort(row[j * size:(j + 1) * size])[::-1][:sum_of_top].sum() for j in range(num_groups)]
+    return set(np.argsort(group_score)[::-1][:groups_per_token].tolist())
+
+  chosen_groups = [set((np.asarray(row) // size).tolist()) for row in np.asarray(g.expert_index).reshape(-1, k)]
+  differs = 0
+  for row, got in zip(scores, chosen_groups):
+    expected = groups_by(top, row)
+    assert got <= expected, (got, expected)          # every chosen expert lies in one of the expected groups
+    chosen = sorted([e for e in range(num_experts) if e // size in expected], key=lambda e: -row[e])[:k]
+    assert got == {e // size for e in chosen}
+    differs += groups_by(2 if top == 4 else 4, row) != expected
+  np.testing.assert_array_equal(np.asarray(g.expert_index), numpy_choice(
+      x @ r.kernel[...], k, score="sigmoid", normalize=True, num_groups=num_groups,
+      groups_per_token=groups_per_token)[0])
+  assert differs > 0   # not vacuous: the other sum (top 2 vs top 4) picks other groups for some token
 
 
 def one_hot_layer(num_experts=4, k=1, rate=0.25, **options):

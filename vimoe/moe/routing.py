@@ -65,14 +65,21 @@ def top_k_gating(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array,
   return expert_index.astype(jnp.int32), gates, probs
 
 
-def group_limited_mask(choice: jax.Array, num_groups: int, groups_per_token: int) -> jax.Array:
-  """Group-limited routing (DeepSeek-V3): choice scores [..., E] -> bool [..., E], True for the experts of each
-  token's `groups_per_token` best groups. Experts form `num_groups` contiguous groups of E / num_groups; a group's
-  score is the sum of its two highest choice scores (its one score when a group holds a single expert)."""
+def group_limited_mask(choice: jax.Array, num_groups: int, groups_per_token: int, k: int) -> jax.Array:
+  """Group-limited routing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2): choice scores [..., E] -> bool [..., E],
+  True for the experts of each token's `groups_per_token` best groups. Experts form `num_groups` contiguous
+  groups of E / num_groups.
+
+  Group score rule: a group's score is the sum of its top ceil(k / groups_per_token) choice scores (at most the
+  E / num_groups it holds): the number of experts a token would take from each of its groups if it spread its k
+  choices evenly over them. DeepSeek-V3 routes k=8 over 4 groups per token and sums each group's top 2, which is
+  this rule's ceil(8 / 4) = 2 (MaxText's moe.py hard-codes that 2).
+  """
   E = choice.shape[-1]
   per_group = E // num_groups
+  top_per_group = min(-(-k // groups_per_token), per_group)                                      # ceil(k / Kg)
   grouped = choice.reshape(choice.shape[:-1] + (num_groups, per_group))
-  group_score = jnp.sum(jax.lax.top_k(grouped, min(2, per_group))[0], axis=-1)                 # [..., groups]
+  group_score = jnp.sum(jax.lax.top_k(grouped, top_per_group)[0], axis=-1)                      # [..., groups]
   _, best = jax.lax.top_k(group_score, groups_per_token)                                         # [..., Kg]
   allowed = jnp.any(jax.nn.one_hot(best, num_groups, dtype=jnp.bool_), axis=-2)                  # [..., groups]
   return jnp.repeat(allowed, per_group, axis=-1)
@@ -84,14 +91,14 @@ def affinity_gating(logits: jax.Array, k: int, *, score: str, normalize: bool, r
 
   scores s = softmax(logits) or sigmoid(logits). Experts are chosen by s + bias ([E], auxiliary-loss-free
   balancing; None: s alone), among the experts of the `groups_per_token` best of `num_groups` groups
-  (`group_limited_mask`). The gates are the unbiased s of the chosen experts, divided by their sum when
-  `normalize`, times `routed_scale`. With score="softmax" and the other settings off this is `top_k_gating`.
+  (`group_limited_mask`: a group scores the sum of its top ceil(k / groups_per_token)). The gates are the
+  unbiased s of the chosen experts, divided by their sum when `normalize`, times `routed_scale`. With score="softmax" and the other settings off this is `top_k_gating`.
   """
   logits = logits.astype(jnp.float32)
   scores = jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
   choice = scores if bias is None else scores + bias.astype(jnp.float32)
   if num_groups > 1:
-    choice = jnp.where(group_limited_mask(choice, num_groups, groups_per_token), choice, -jnp.inf)
+    choice = jnp.where(group_limited_mask(choice, num_groups, groups_per_token, k), choice, -jnp.inf)
   _, expert_index = jax.lax.top_k(choice, k)
   gates = jnp.take_along_axis(scores, expert_index, axis=-1)
   if normalize:  # (sigmoid scores can all underflow to 0: no 0/0)
