@@ -12,10 +12,23 @@ state and the rest. Unless --no-compile, it then lowers and compiles the trainer
 the mesh's batch axes, and prints the compiled executable's per-device argument / output / temp bytes
 (`compiled.memory_analysis()`) and the per-device bytes of the state as the executable's input shardings hold
 it. Numbers: docs/benchmarks.md, "Paper configs on an 8-device mesh".
+
+With --topology NAME (a TPU slice such as v5e:2x4, v4:2x2x1, v5p:4x4x4, v6e:2x2) the same train step is compiled by
+the TPU compiler for that slice, ahead of time, on this machine (no TPU needed; libtpu is: run it with
+.venv-tpu/bin/python, built by `make tpu-venv`). The mesh is the config's `mesh` block over the slice's chips
+(sizes left None inferred as the trainer infers them; --mesh-expert/--mesh-data override), and the report adds,
+per chip: the sum of state, batch and temporaries against the chip's HBM (fits or not, by how much), the
+compiler's FLOPs and bytes accessed per step, the bytes of each kind of collective, and a roofline estimate of
+the step time and MFU from the chip's published peak bf16 FLOP/s and HBM bandwidth (vimoe/parallel/aot.py cites
+them):
+
+    .venv-tpu/bin/python scripts/memory_report.py --config configs/vimoe_s14_in1k.py --topology v5e:2x4 \
+        --config.microbatches=4 --config.model.remat=full
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -25,7 +38,12 @@ import time
 
 
 def _early_args(argv: list[str]) -> None:
-  """--devices must reach XLA_FLAGS before jax is imported."""
+  """--devices must reach XLA_FLAGS before jax is imported; --topology needs libtpu loadable next to other
+  processes (and no fake CPU devices)."""
+  if any(arg == "--topology" or arg.startswith("--topology=") for arg in argv):
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as vimoe.parallel.aot.enable_concurrent_libtpu
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs eval_shape; the TPU compiler gets the program
+    return
   devices = 8
   for i, arg in enumerate(argv):
     if arg.startswith("--devices="):
@@ -47,6 +65,7 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
 from vimoe import parallel  # pylint: disable=wrong-import-position
+from vimoe.parallel import aot  # pylint: disable=wrong-import-position
 from vimoe.parallel.partition import path_string  # pylint: disable=wrong-import-position
 
 
@@ -107,18 +126,44 @@ def state_bytes(state, shardings=None) -> dict:
   return sums
 
 
-def report(config, expert: int, data: int | None = None, compile_step: bool = True) -> dict:
-  """The numbers the script prints, as a dict (bytes per device unless 'total' is in the key)."""
-  from vimoe.train import trainer  # pylint: disable=import-outside-toplevel
+def config_num_experts(config) -> int | None:
+  """The routed experts of one MoE layer of `config` (None for a dense model)."""
   moe = config.model.get("moe")
-  num_experts = None
-  if moe is not None:
-    num_experts = moe.get("num_experts") or moe.get("num_groups", 0) * moe.get("experts_per_group", 0) or None
-  mesh = parallel.make_mesh(data, expert)
+  if moe is None:
+    return None
+  return moe.get("num_experts") or moe.get("num_groups", 0) * moe.get("experts_per_group", 0) or None
+
+
+def report_mesh(config, expert: int | None, data: int | None, devices=None):
+  """The mesh to compile on: the flags' sizes, else the config's `mesh` block, with sizes left None inferred from
+  the devices and the number of experts (as the trainer infers them)."""
+  mesh_config = config.get("mesh") or {}
+  if expert is None and data is None:
+    expert, data = mesh_config.get("expert"), mesh_config.get("data")
+  return parallel.make_mesh(data, expert, mesh_config.get("model", 1) or 1, num_experts=config_num_experts(config),
+                            devices=devices)
+
+
+def report(config, expert: int | None, data: int | None = None, compile_step: bool = True,
+           topology: str | None = None) -> dict:
+  """The numbers the script prints, as a dict (bytes per device unless 'total' is in the key). With `topology`
+  (e.g. 'v5e:2x4') the step is compiled for that TPU slice and the dict also holds the chip, peak bytes,
+  FLOPs, collectives and the roofline."""
+  from vimoe.train import trainer  # pylint: disable=import-outside-toplevel
+  devices = chip = None
+  if topology is not None:
+    aot.check_topology_name(topology)
+    chip = aot.chip_for(topology)
+    devices = aot.get_topology(topology).devices
+  elif expert is None and data is None:
+    expert = 8  # the CPU report's default: 8 fake devices, all on 'expert'
+  mesh = report_mesh(config, expert, data, devices)
   start = time.perf_counter()
   task, graphdef, state = abstract_train_state(config, mesh)
-  out = {"mesh": parallel.mesh_summary(mesh), "num_experts": num_experts,
-         "state": state_bytes(state), "eval_shape_s": time.perf_counter() - start}
+  out = {"mesh": parallel.mesh_summary(mesh), "num_experts": config_num_experts(config),
+         "state": state_bytes(state), "eval_shape_s": time.perf_counter() - start, "topology": topology,
+         "chip": chip, "microbatches": config.get("microbatches", 1), "remat": config.model.get("remat", "none"),
+         "dtype": config.model.get("dtype", "float32"), "batch_size": config.batch_size}
   if not compile_step:
     return out
   guard = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
@@ -133,10 +178,28 @@ def report(config, expert: int, data: int | None = None, compile_step: bool = Tr
   memory = compiled.memory_analysis()
   out["argument"], out["output"] = memory.argument_size_in_bytes, memory.output_size_in_bytes
   out["alias"], out["temp"] = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+  out["peak"] = aot.peak_bytes(memory)
   out["batch_per_device"] = sum(leaf_bytes(leaf)[1] for leaf in jax.tree.leaves(batch))
   out["guard"] = sum(leaf_bytes(leaf)[1] for leaf in jax.tree.leaves(guard))
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out["flops"], out["bytes_accessed"] = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  out["collectives"] = aot.collective_bytes(compiled.as_text())
+  if chip is not None:
+    out["roofline"] = aot.roofline(out["flops"], out["bytes_accessed"], chip)
   out["compiled"] = compiled
   return out
+
+
+def summary_row(out: dict) -> dict:
+  """The JSON-able numbers of a report (what --output writes)."""
+  row = {key: value for key, value in out.items() if key not in ("compiled", "state", "compiled_state", "chip")}
+  row["state"] = {f"{part}/{kind}": per_device for (part, kind), (_, per_device) in out["state"].items()}
+  if out.get("chip") is not None:
+    row["chip"] = out["chip"].name
+    row["hbm"] = out["chip"].hbm_bytes
+    row["fits"] = out["peak"] <= out["chip"].hbm_bytes if "peak" in out else None
+  return row
 
 
 def _gib(n: int) -> str:
@@ -144,7 +207,10 @@ def _gib(n: int) -> str:
 
 
 def print_report(out: dict) -> None:
-  print(f"mesh {out['mesh']}, {out['num_experts']} experts; per device (total over the mesh in brackets):")
+  where = f"TPU slice {out['topology']} ({out['chip'].name}), " if out.get("topology") else ""
+  print(f"{where}mesh {out['mesh']}, {out['num_experts']} experts, batch {out['batch_size']} in "
+        f"{out['microbatches']} microbatch(es), remat {out['remat']}, compute {out['dtype']}; per device (total "
+        f"over the mesh in brackets):")
   for (part, kind), (total, per_device) in sorted(out["state"].items()):
     label = {"model": "params", "optimizer": "optimizer state"}[part]
     name = f"{'expert' if kind == 'experts' else 'other'} {label}"
@@ -158,12 +224,38 @@ def print_report(out: dict) -> None:
   print(f"  compiled train step ({out['compile_s']:.1f} s): argument {_gib(out['argument'])} (state + batch "
         f"{_gib(out['batch_per_device'])}), output {_gib(out['output'])}, aliased {_gib(out['alias'])}, "
         f"temp {_gib(out['temp'])}")
+  target = f"the {out['topology']} compiler's" if out.get("topology") else "XLA:CPU's"
+  print(f"  peak per device (argument + output - aliased + temp + code): {_gib(out['peak'])}")
+  print(f"  per step ({target} cost analysis): {out['flops'] / 1e12:.3f} TFLOP, "
+        f"{_gib(out['bytes_accessed'])} accessed per device")
+  if out["collectives"]:
+    print("  collectives per device (result bytes; ops in loops counted once): " + ", ".join(
+        f"{op} {entry['count']}x {_gib(entry['bytes'])}" for op, entry in sorted(out["collectives"].items())))
+  else:
+    print("  collectives: none")
+  chip = out.get("chip")
+  if chip is None:
+    return
+  margin = chip.hbm_bytes - out["peak"]
+  verdict = (f"FITS in {chip.name}'s {_gib(chip.hbm_bytes)} HBM ({_gib(margin)} to spare)" if margin >= 0 else
+             f"DOES NOT FIT in {chip.name}'s {_gib(chip.hbm_bytes)} HBM: {_gib(-margin)} over "
+             f"({out['peak'] / chip.hbm_bytes:.2f}x)")
+  print(f"  {verdict}")
+  r = out["roofline"]
+  print(f"  roofline ({chip.source}): compute {r['compute_s'] * 1e3:.2f} ms, HBM {r['memory_s'] * 1e3:.2f} ms "
+        f"-> step >= {r['step_s'] * 1e3:.2f} ms ({r['bound']}-bound), MFU <= {r['mfu']:.2f}; collectives and "
+        f"overheads not included")
 
 
 def main(argv) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
-  print_report(report(_CONFIG.value, flags.FLAGS.mesh_expert, flags.FLAGS.mesh_data, not flags.FLAGS.no_compile))
+  f = flags.FLAGS
+  out = report(_CONFIG.value, f.mesh_expert, f.mesh_data, not f.no_compile, f.topology)
+  print_report(out)
+  if f.output:
+    pathlib.Path(f.output).write_text(json.dumps(summary_row(out), indent=2, default=str) + "\n")
+    print(f"wrote {f.output}")
 
 
 if __name__ == "__main__":
@@ -171,10 +263,14 @@ if __name__ == "__main__":
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally :ARG).",
                                             lock_config=False)
-  flags.DEFINE_integer("mesh_expert", 8, "Size of the mesh's 'expert' axis.")
+  flags.DEFINE_integer("mesh_expert", None, "Size of the mesh's 'expert' axis (default: 8 on CPU; with --topology "
+                       "the config's mesh block, inferred).")
   flags.DEFINE_integer("mesh_data", None, "Size of the 'data' axis (default: the devices left).")
-  flags.DEFINE_integer("devices", 8, "Fake CPU devices (set before jax starts).")
+  flags.DEFINE_integer("devices", 8, "Fake CPU devices (set before jax starts; ignored with --topology).")
   flags.DEFINE_bool("no_compile", False, "Only the eval_shape numbers (parameter and optimizer bytes).")
+  flags.DEFINE_string("topology", None, "Compile for this TPU slice instead of CPU, e.g. " +
+                      ", ".join(aot.EXAMPLE_TOPOLOGIES) + " (needs libtpu: .venv-tpu/bin/python).")
+  flags.DEFINE_string("output", None, "Also write the numbers to this JSON file.")
   flags.mark_flags_as_required(["config"])
   sys.argv = [{"--mesh-expert": "--mesh_expert", "--mesh-data": "--mesh_data", "--no-compile": "--no_compile"}.get(
       arg.split("=", 1)[0], arg.split("=", 1)[0]) + arg[len(arg.split("=", 1)[0]):] for arg in sys.argv]

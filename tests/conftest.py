@@ -1,6 +1,7 @@
 # The multi-device tests need XLA_FLAGS set before jax is imported, so they run in their own pytest process
-# (tests/test_multidevice.py starts it); the main session does not collect them.
-collect_ignore = ["multidevice"]
+# (tests/test_multidevice.py starts it); the TPU compile tests need libtpu, so they run in .venv-tpu
+# (tests/test_tpu_compile.py starts it). The main session collects neither.
+collect_ignore = ["multidevice", "tpu"]
 
 import os
 import pathlib
