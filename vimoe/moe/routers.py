@@ -146,6 +146,30 @@ class RouterBias(nnx.Variable):
   and the optimizer never touches it; it is saved in checkpoints with the rest of the model state."""
 
 
+class PendingLoad(nnx.Variable):
+  """The summed expert loads [E] of training calls whose bias update is deferred (gradient accumulation: one
+  update from the whole batch's load, as one big batch makes it). It exists only between `defer_bias_updates`
+  and `apply_deferred_bias_updates`, inside one train step: never in a checkpoint."""
+
+
+def _bias_routers(model: nnx.Module) -> list:
+  return [node for _, node in nnx.iter_graph(model)
+          if isinstance(node, TopKRouter) and node.bias is not None]
+
+
+def defer_bias_updates(model: nnx.Module) -> None:
+  """From now on the training calls of `model`'s bias routers only add their loads to a PendingLoad."""
+  for router in _bias_routers(model):
+    router.pending_load = nnx.data(PendingLoad(jnp.zeros((router.num_experts,), jnp.float32)))
+
+
+def apply_deferred_bias_updates(model: nnx.Module) -> None:
+  """One bias update per router from the loads summed since `defer_bias_updates`; back to updating per call."""
+  for router in _bias_routers(model):
+    router.apply_bias_update(router.pending_load[...])
+    router.pending_load = None
+
+
 @register_router
 class TopKRouter(TokenChoiceRouter):
   """Softmax top-k (Switch, GShard, V-MoE): `kernel` [D,E]. Batch priority orders by top-1 router probability (a
@@ -167,6 +191,7 @@ class TopKRouter(TokenChoiceRouter):
     self.num_groups, self.groups_per_token = config.num_groups, config.groups_per_token
     self.bias_update_rate = config.bias_update_rate
     self.bias = RouterBias(jnp.zeros((config.num_experts,), jnp.float32)) if config.bias_update_rate > 0 else None
+    self.pending_load = None  # a PendingLoad while updates are deferred (defer_bias_updates)
     # Every setting off: the softmax top-k exactly as before they existed.
     self.plain = (config.score == "softmax" and config.routed_scale == 1.0 and self.bias is None
                   and config.num_groups == 1)
@@ -197,11 +222,19 @@ class TopKRouter(TokenChoiceRouter):
 
   def update_bias(self, expert_index: jax.Array, valid: jax.Array | None) -> None:
     """bias += rate * sign(mean load - load): load_e = the call's (valid) choices of expert e, all groups
-    together (under a mesh, a global sum, so every replica makes the same update). No gradient flows."""
+    together (under a mesh, a global sum, so every replica makes the same update). No gradient flows. While
+    updates are deferred (defer_bias_updates), the load is only added to `pending_load`."""
     one_hot = jax.nn.one_hot(expert_index, self.num_experts, dtype=jnp.float32)               # [G,S,K,E]
     if valid is not None:
       one_hot = one_hot * valid[..., None, None].astype(jnp.float32)
     load = jax.lax.stop_gradient(jnp.sum(one_hot, axis=tuple(range(one_hot.ndim - 1))))       # [E]
+    if self.pending_load is not None:
+      self.pending_load[...] = self.pending_load[...] + load
+    else:
+      self.apply_bias_update(load)
+
+  def apply_bias_update(self, load: jax.Array) -> None:
+    """bias += rate * sign(mean load - load) for a load [E] (counts of choices)."""
     self.bias[...] = self.bias[...] + self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from vimoe import parallel
 from vimoe.models.params import flatten_dict
+from vimoe.moe import routers as routers_lib
 from vimoe.parallel.distributed import is_main_process
 from vimoe.train.optim import create_optimizer, learning_rate_schedule
 from vimoe.train.tasks import get_task
@@ -86,6 +87,13 @@ def validate_config(config) -> None:
   if optim.total_steps != config.total_steps:
     raise ValueError(f"config.optim.total_steps={optim.total_steps!r} differs from config.total_steps="
                      f"{config.total_steps!r}; set both (configs use a FieldReference so they follow each other)")
+  microbatches = config.get("microbatches", 1)
+  if (not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1
+      or config.batch_size % microbatches):
+    divisors = [d for d in range(1, config.batch_size + 1) if config.batch_size % d == 0]
+    raise ValueError(f"config.microbatches={microbatches!r} must be a positive integer that divides "
+                     f"config.batch_size={config.batch_size} (with a mesh, the batch of each device): valid "
+                     f"{divisors}; 1 = no gradient accumulation")
 
 
 # The workdir: path checks, the lock, the config on record.
@@ -502,18 +510,81 @@ def _all_finite(tree) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
+def _microbatches(batch, microbatches: int):
+  """batch leaves [B, ...] -> [M, B/M, ...]: microbatch m holds rows m*b..(m+1)*b-1 of every device's block of
+  b*M rows (with no mesh, of the whole batch), so routing groups that lie inside one microbatch stay intact and
+  every device computes every microbatch."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else math.prod(mesh.shape[axis] for axis in parallel.partition_axes(mesh))
+  rows = len(jax.tree.leaves(batch)[0])
+  if rows % (shards * microbatches):
+    raise ValueError(f"config.microbatches={microbatches} does not divide the {rows // shards} rows that each of "
+                     f"the {shards} devices of the mesh's batch axes holds (batch of {rows}); use a divisor of "
+                     f"{rows // shards}")
+  per_micro = rows // (shards * microbatches)
+
+  def split(x):
+    x = x.reshape((shards, microbatches, per_micro) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((microbatches, shards * per_micro) + x.shape[3:])
+
+  return jax.tree.map(split, batch)
+
+
+def _accumulated_gradients(task, config, model, wrt, batch):
+  """(grads, metrics) of the loss on `batch` as config.microbatches sequential microbatches (`jax.lax.scan`, so
+  memory does not grow with their number): gradients summed in float32 and divided by M, metrics averaged over
+  the microbatches. The model's other state (RNG counters, ...) carries from one microbatch to the next; the
+  routing biases (aux-loss-free balancing) are updated once, from the whole batch's loads.
+
+  What equals the one-batch step (up to float32 rounding), given equal-weight microbatches: every per-example or
+  per-token mean (classification and segmentation losses, an LM loss without padding), and of the MoE
+  aux losses those that are means over tokens, items or sequences: router z-loss and DeepSeek's sequence-wise
+  balance loss; also `dropped_fraction` and `bias_range`, and the bias update. Routing itself is unchanged when
+  routing groups lie inside one microbatch and nothing is dropped for lack of capacity, or groups keep their
+  members. Not equal: losses computed over the whole call's tokens that are nonlinear in them -- Switch balance
+  loss E * sum_e f_e P_e, importance and load losses CV(sum)^2 -- here each is the mean of the microbatches'
+  values; a padded LM batch weighs each microbatch equally, not by its real tokens."""
+  microbatches = config.get("microbatches", 1)
+  routers_lib.defer_bias_updates(model)
+  model_def, model_state = nnx.split(model)
+
+  def accumulate(carry, micro_batch):
+    grad_sum, model_state = carry
+    micro_model = nnx.merge(model_def, model_state)
+    grad_fn = nnx.value_and_grad(lambda m: task.loss(m, micro_batch, config), argnums=nnx.DiffState(0, wrt),
+                                 has_aux=True)
+    (_, metrics), grads = grad_fn(micro_model)
+    grad_sum = jax.tree.map(lambda total, grad: total + grad.astype(jnp.float32), grad_sum, grads)
+    return (grad_sum, nnx.state(micro_model)), metrics
+
+  params = nnx.state(model, wrt)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grad_sum, model_state), metrics = jax.lax.scan(accumulate, (zeros, model_state),
+                                                  _microbatches(batch, microbatches))
+  nnx.update(model, model_state)
+  routers_lib.apply_deferred_bias_updates(model)
+  grads = jax.tree.map(lambda total, p: (total / microbatches).astype(p.dtype), grad_sum, params)
+  return grads, jax.tree.map(lambda value: jnp.mean(value, axis=0), metrics)
+
+
 def make_train_step(task, config, graphdef):
   """A pure, jitted step over (state, guard, batch) -> (state, guard, metrics), donating state and guard.
 
   `state` is nnx.split((model, optimizer))'s state. `guard` holds on the device the step count, the first step
   whose loss or updated parameters were not finite (0: none yet) and that step's loss, so the host need not read
-  anything back per step. The math is the one of nnx.jit over (model, optimizer); the guard only adds outputs."""
+  anything back per step. The math is the one of nnx.jit over (model, optimizer); the guard only adds outputs.
+  config.microbatches = M > 1: gradient accumulation over M microbatches of the batch, then one optimizer
+  update (`_accumulated_gradients` says what equals the one-batch step)."""
+  microbatches = config.get("microbatches", 1)
 
   def step(state, guard, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config), argnums=nnx.DiffState(0, optimizer.wrt),
-                                 has_aux=True)
-    (_, metrics), grads = grad_fn(model)
+    if microbatches == 1:
+      grad_fn = nnx.value_and_grad(lambda m: task.loss(m, batch, config),
+                                   argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
+      (_, metrics), grads = grad_fn(model)
+    else:
+      grads, metrics = _accumulated_gradients(task, config, model, optimizer.wrt, batch)
     optimizer.update(model, grads)
     loss = metrics["train/loss"]
     finite = jnp.isfinite(loss) & _all_finite(nnx.state(model, nnx.Param))
