@@ -1,6 +1,9 @@
 """Dropless expert parallelism on 8 fake CPU devices: the sharded layer equals the single-device one (outputs and
 gradients, balanced and heavily imbalanced routing), and its compiled HLO exchanges tokens with all-to-all and
-never all-gathers an expert weight."""
+never all-gathers an expert weight. The bounded receive buffer (model.moe.dropless_buffer_factor): a bound that
+just fits equals one device, one row less raises naming the key, for the CPU's padded exchange and for the ragged
+plan (the offsets TPU/GPU give `lax.ragged_all_to_all`, run through its CPU emulation); the default bound
+compiles to less temporary memory than the worst case."""
 
 import re
 
@@ -12,15 +15,18 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vimoe import moe, parallel
+from vimoe.moe import sharding
 
 D, H, E = 16, 32, 8
 B, T = 8, 16           # 128 token rows: 16 per device, batch item b on device b (rows split over data x expert)
 WEIGHT_SHAPES = {(E, D, H), (E, H, D)}
 
 
-def make_layer(k, grouped_matmul, route_per):
+def make_layer(k, grouped_matmul, route_per, buffer_factor=None):
+  """buffer_factor None: the worst-case receive buffer, exact for any routing."""
   return moe.MoeLayer(D, H, E, k, dispatch="gather", capacity_factor=None, grouped_matmul=grouped_matmul,
-                      route_per=route_per, group_size=None, rngs=nnx.Rngs(0))
+                      route_per=route_per, group_size=None, dropless_buffer_factor=buffer_factor,
+                      rngs=nnx.Rngs(0))
 
 
 def inputs():
@@ -64,11 +70,13 @@ def result_shapes(line, op):
 
 
 # Each case compiles once on its mesh and runs balanced and imbalanced routing through the same executable; the
-# four cases cover both meshes, k = 1 and 2, both local computes and both routing units.
-@pytest.mark.parametrize("mesh_shape,k,grouped_matmul,route_per", [
-    ((2, 4), 2, "block_loop", "token"), ((2, 4), 1, "ragged_dot", "item"),
-    ((1, 8), 2, "ragged_dot", "token"), ((1, 8), 1, "block_loop", "item")])
-def test_dropless_mesh_matches_single_device(mesh_shape, k, grouped_matmul, route_per):
+# four cases cover both meshes, k = 1 and 2, both local computes and both routing units, with the worst-case
+# buffer (dropless_buffer_factor=None); two of them run the ragged plan (its CPU emulation).
+@pytest.mark.parametrize("mesh_shape,k,grouped_matmul,route_per,exchange", [
+    ((2, 4), 2, "block_loop", "token", "padded"), ((2, 4), 1, "ragged_dot", "item", "emulated_ragged"),
+    ((1, 8), 2, "ragged_dot", "token", "padded"), ((1, 8), 1, "block_loop", "item", "emulated_ragged")])
+def test_dropless_mesh_matches_single_device(mesh_shape, k, grouped_matmul, route_per, exchange, monkeypatch):
+  monkeypatch.setattr(sharding, "dropless_exchange", lambda mesh: exchange)
   x, x_skewed, mask, target = inputs()
   reference = make_layer(k, grouped_matmul, route_per)
   graphdef, ref_state = nnx.split(reference)
@@ -112,3 +120,69 @@ def test_rows_that_do_not_divide_over_the_devices_are_padded():
   with jax.set_mesh(mesh):
     got = forward(state, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def traffic(layer_state, graphdef, x, k, mesh_shape):
+  """NumPy: the rows each device sends to each device of its 'expert' row, [data, n sources, n destinations], from
+  the router's logits (top-k by argsort); device r holds batch item r (16 rows), r = data * n + expert."""
+  logits = np.asarray(x.reshape(B * T, D) @ np.asarray(layer_state["router"]["kernel"][...]))
+  choices = np.argsort(-logits, axis=1, kind="stable")[:, :k].reshape(B, T * k)   # [device, its assignments]
+  data, n = mesh_shape
+  counts = np.zeros((data, n, n), int)
+  for r in range(B):
+    for expert in choices[r]:
+      counts[r // n, r % n, expert // (E // n)] += 1
+  return counts
+
+
+@pytest.mark.parametrize("exchange", ["padded", "emulated_ragged"])
+def test_buffer_bound_that_fits_is_exact_and_one_row_less_raises(exchange, monkeypatch):
+  """The imbalanced routing with the tightest bound that holds it equals one device (outputs and gradients); with
+  one row less per buffer the step raises, naming the key. Ragged plan: a device receives at most R rows in all;
+  padded: at most R / n from each device."""
+  monkeypatch.setattr(sharding, "dropless_exchange", lambda mesh: exchange)
+  k, mesh_shape = 2, (2, 4)
+  _, x_skewed, mask, target = inputs()
+  graphdef, ref_state = nnx.split(make_layer(k, "block_loop", "token"))
+  ref_state["router"]["kernel"].set_value(skewed_kernel(ref_state["router"]["kernel"][...]))
+  step = loss_and_grads(graphdef, target, mask)
+  want = step(ref_state, x_skewed)
+  counts = traffic(ref_state, graphdef, x_skewed, k, mesh_shape)
+  n, A = mesh_shape[1], T * k                      # A = 32 local assignments: factors r / 32 are exact in binary
+  needed = counts.sum(1).max() if exchange == "emulated_ragged" else counts.max() * n
+  assert needed > 2 * A                            # more than the default holds: the bound is what is tested
+  mesh = parallel.make_mesh(*mesh_shape, num_experts=E)
+  # (The exact run goes last: its effects token replaces the failed run's, which would otherwise re-raise at exit.)
+  for rows, fits in ((needed - (1 if exchange == "emulated_ragged" else n), False), (needed, True)):
+    layer = parallel.create_sharded(lambda: make_layer(k, "block_loop", "token", float(rows) / A), mesh)
+    bounded_graphdef, state = nnx.split(layer)    # (the graphdef holds the config, hence the bound)
+    kernel = state["router"]["kernel"][...]
+    state["router"]["kernel"].set_value(jax.device_put(skewed_kernel(kernel), kernel.sharding))
+    bounded_step = loss_and_grads(bounded_graphdef, target, mask)
+    with jax.set_mesh(mesh):
+      if fits:
+        assert_close(bounded_step(state, x_skewed), want)
+      else:
+        with pytest.raises(Exception, match=r"model\.moe\.dropless_buffer_factor=" + re.escape(repr(float(rows) / A))):
+          jax.block_until_ready(bounded_step(state, x_skewed))
+
+
+def test_default_buffer_compiles_to_less_temporary_memory_than_the_worst_case():
+  """E=64, k=2, D=128, H=256, 2048 tokens per device on 8 devices: the default bound (2 x the local assignments
+  instead of 8 x) needs at most half the worst case's temporaries, forward and backward (compiled, not run)."""
+  tokens, dim, hidden, experts, k = 8 * 2048, 128, 256, 64, 2
+  mesh = parallel.make_mesh(1, 8, num_experts=experts)
+  temp = {}
+  for factor in (None, moe.MoeConfig.dropless_buffer_factor):
+    make = lambda: moe.MoeLayer(dim, hidden, experts, k, dispatch="gather", capacity_factor=None,
+                                dropless_buffer_factor=factor, rngs=nnx.Rngs(0))
+    with jax.set_mesh(mesh):
+      graphdef, abstract = nnx.split(nnx.eval_shape(make))
+      abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), abstract)
+      x = jax.ShapeDtypeStruct((tokens // 256, 256, dim), jnp.float32,
+                               sharding=jax.sharding.NamedSharding(mesh, P(("data", "expert"))))
+      loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
+    temp[factor] = compiled.memory_analysis().temp_size_in_bytes
+  print({factor: f"{size / 2**20:.1f} MiB" for factor, size in temp.items()})
+  assert temp[moe.MoeConfig.dropless_buffer_factor] <= 0.5 * temp[None]

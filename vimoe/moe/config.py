@@ -27,7 +27,7 @@ LOSS_WEIGHTS = ("load_weight", "importance_weight", "balance_weight", "z_loss_we
 AFFINITY_DEFAULTS = (("score", "softmax"), ("routed_scale", 1.0), ("bias_update_rate", 0.0), ("num_groups", 1),
                      ("groups_per_token", 1), ("sequence_balance_weight", 0.0))
 # Keys whose value None is itself a setting; for every other key None means "the default".
-NONE_IS_A_VALUE = ("capacity_factor", "group_size", "block_size")
+NONE_IS_A_VALUE = ("capacity_factor", "group_size", "block_size", "dropless_buffer_factor")
 
 
 def choose(key: str, value, valid) -> None:
@@ -59,6 +59,12 @@ class MoeConfig:
   block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
   grouped_matmul: how the dropless path runs its experts: "block_loop" (balanced batch + overflow blocks),
     "ragged_dot" (one grouped matmul per weight) or "auto" (block_loop on CPU, ragged_dot on gpu/tpu).
+  dropless_buffer_factor: the dropless path under a mesh with an 'expert' axis of size n: each device receives at
+    most ceil(factor * A_l) token rows, A_l its local assignments (tokens x k; a balanced router sends A_l on
+    average); None: n * A_l, the exact worst case, which never drops. Rows past the bound raise an error from the
+    device naming this key (vimoe/moe/sharding.py, `sharded_dropless_moe`). Default 2.0: a device's experts
+    would need more than twice their fair share of a step's assignments to overflow it, and the buffer (and the
+    expert compute over it) is 2/n of the worst case (1/4 at n = 8).
   DeepSeek-style routing (docs/design.md, 'DeepSeek-style routing'; top_k and prototype routers only):
   score: the expert affinities s, "softmax" or "sigmoid" (the K gates are the chosen s, renormalised when
     normalize_gates). routed_scale: multiplies the routed gates (both scores).
@@ -87,6 +93,7 @@ class MoeConfig:
   z_loss_weight: float = 0.0
   block_size: int | None = None
   grouped_matmul: str = "auto"
+  dropless_buffer_factor: float | None = 2.0
   score: str = "softmax"
   routed_scale: float = 1.0
   bias_update_rate: float = 0.0
@@ -134,6 +141,11 @@ class MoeConfig:
       raise ValueError(f"capacity_factor={self.capacity_factor!r} must be > 0, or None for no token dropping")
     if self.group_size is not None and (not is_int(self.group_size) or self.group_size < 1):
       raise ValueError(f"group_size={self.group_size!r} must be a positive integer or None (one group per item)")
+    factor = self.dropless_buffer_factor
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float, np.number))
+                               or not factor >= 1):
+      raise ValueError(f"dropless_buffer_factor={factor!r} must be a number >= 1 (receive rows per device = factor x "
+                       "local assignments; 1 holds exactly a balanced load) or None (the worst case, never drops)")
     if self.num_shared_experts < 0:
       raise ValueError(f"num_shared_experts={self.num_shared_experts!r} must be >= 0")
     router.check_config(self)

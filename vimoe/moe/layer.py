@@ -171,7 +171,8 @@ class MoeLayer(nnx.Module):
     metrics["capacity"] = jnp.asarray(-1 if capacity is None else capacity)  # -1: dropless
     y = self.router.run_experts(self.experts, units, routed, dispatch=config.dispatch, capacity=capacity,
                                 tokens_per_unit=tokens_per_unit, block_size=config.block_size,
-                                grouped_matmul=config.grouped_matmul)
+                                grouped_matmul=config.grouped_matmul,
+                                dropless_buffer_factor=config.dropless_buffer_factor)
     y = y.reshape(B, T, D)
     if self.shared is not None:
       y = y + self.shared.apply_all(x)
@@ -256,7 +257,8 @@ class HierarchicalMoeLayer(nnx.Module):
     capacity = routing_capacity(config.dispatch, config.capacity_factor, S, E, kp * ks)
     assignment = routing.assign_slots(expert_index, gates, E, capacity, valid=valid)
     y = run_experts(self.experts, units, assignment, dispatch=config.dispatch, capacity=capacity,
-                    tokens_per_unit=1, block_size=config.block_size, grouped_matmul=config.grouped_matmul)
+                    tokens_per_unit=1, block_size=config.block_size, grouped_matmul=config.grouped_matmul,
+                    dropless_buffer_factor=config.dropless_buffer_factor)
     # Appendix B losses.
     metrics = losses_lib.token_choice_metrics(None, None, expert_index, gates, assignment.kept, E, valid)
     if valid is not None:  # padding adds nothing to importance or load
