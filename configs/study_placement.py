@@ -19,9 +19,14 @@ numbers describe these digits; seeds vary the training, not the test set.
 
 Arms: dense fine-tune (model.moe.layers="none") and ViMoE with MoE in the last L in (1, 2, depth/2, depth) =
 (1, 2, 3, 6) blocks x shared expert off/on: 9 arms. N=8 experts, top-1, one routing decision per image (the
-class token), dropless gather dispatch, balance loss 0.01, gates not renormalised (the paper's recipe: an upcycled
-block starts at (g + S) x the dense MLP, see docs/moe.md). Seeds are the outer loop, so a sweep cut short holds
-whole seeds; the same seed gives every arm the same data order (paired comparisons).
+class token), dropless gather dispatch, balance loss 0.01, gates not renormalised. Upcycling is function-preserving
+(init.upcycle_mode="preserve", vimoe/checkpoints/upcycle.py): every arm computes exactly the stage-1 backbone at
+step 0 (zero routers, routed experts' output layer x 8 / (1 + S), shared expert's x 1/2), so the arms differ in
+what MoE lets fine-tuning learn, not in where they start. The results of docs/results.md were run with "copy" (the
+paper's recipe: a block starts at (g + S) x the dense MLP, g about 1/8, so without the shared expert at about
+0.13x; step-0 accuracy 76.48 vs 86.06 at L=6), which confounds shared vs no-shared with that scale; pass
+--config.init.upcycle_mode=copy to reproduce them. Seeds are the outer loop, so a sweep cut short holds whole
+seeds; the same seed gives every arm the same data order (paired comparisons).
 
 Training per point: 400 steps of batch 64 (25,600 pairs; AdamW lr 2e-3, 40 warmup steps, cosine, gradient clip 1;
 one evaluation on the 10,000 pairs at the end). Measured in the 3-seed run of docs/results.md (54 min 38 s for
@@ -73,8 +78,10 @@ def get_config(arg=None):
       layers="last:2", num_experts=8, k=1, router="top_k", dispatch="gather", route_per="item",
       num_shared_experts=1, normalize_gates=False, balance_weight=0.01))
   config.model.moe.capacity_factor = placeholder(float)  # None: dropless
-  # The exported stage-1 backbone (scripts/run_study.py sets it); MoE blocks are upcycled from its MLPs.
-  config.init = ml_collections.ConfigDict(dict(checkpoint=placeholder(str), noise_std=0.0))
+  # The exported stage-1 backbone (scripts/run_study.py sets it); MoE blocks are upcycled from its MLPs so that
+  # step 0 computes the backbone's function ("copy": the paper's exact copies, the recipe of docs/results.md's run).
+  config.init = ml_collections.ConfigDict(dict(checkpoint=placeholder(str), noise_std=0.0,
+                                               upcycle_mode="preserve"))
   if tiny:
     apply_tiny(config)
     config.eval_batch_size = 100

@@ -1,5 +1,7 @@
-"""Sparse upcycling: experts start as exact copies of the dense MLP, routers stay fresh, and with renormalised
-top-k gates (no shared expert, nothing dropped) the ViMoE computes exactly what the dense ViT did."""
+"""Sparse upcycling. mode="copy": experts start as exact copies of the dense MLP, routers stay fresh, and with
+renormalised top-k gates (no shared expert, nothing dropped) the ViMoE computes exactly what the dense ViT did.
+mode="preserve": every arm (the placement study's, k=2, S=2, gates normalised or not, per token or item, ...)
+computes the dense model's logits at step 0 (vimoe/checkpoints/upcycle.py's scaling rule)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ from flax import nnx
 from vimoe import checkpoints
 from vimoe.checkpoints.upcycle import upcycle
 from vimoe.models import build_vit
-from vimoe.models.vit import assign_params, flat_params
+from vimoe.models.vit import assign_params, flat_params, moe_blocks
+from vimoe.train.tasks import Classification
 
 DENSE = dict(image_size=16, patch_size=4, dim=32, depth=3, num_heads=2, mlp_dim=48, num_classes=5,
              num_registers=1, layerscale_init=0.5, head_zero_init=False)
@@ -132,3 +135,187 @@ def test_what_upcycling_preserves_with_unnormalised_top1_gates(dense, num_shared
     np.testing.assert_allclose(np.asarray(y), (top1 + num_shared_experts)[:, None, None] * dense_mlp,
                                atol=1e-4, rtol=1e-4)
     assert (top1 < 0.9).all()                                   # far from 1: the dense function is not preserved
+
+
+# -- mode="preserve": every arm computes the dense function at step 0 --------------------------------------------
+
+def random_dense(model_config, seed=0, std=0.2):
+  """A dense ViT with random values everywhere, as the `dense` fixture, for another model config."""
+  model = nnx.eval_shape(lambda: build_vit(model_config))
+  rng = np.random.RandomState(seed)
+  return assign_params(model, {
+      name: (float(name.endswith(("scale", "gamma"))) + std * rng.randn(*value.shape)).astype(np.float32)
+      for name, value in flat_params(model).items()})
+
+
+def with_random_routers(model_config):
+  """An abstract ViMoE whose only concrete parameters are random routers (as `upcycling_target`)."""
+  model = nnx.eval_shape(lambda: build_vit(model_config))
+  rng = np.random.RandomState(7)
+  shapes = {name: value.shape for name, value in flat_params(model).items()}
+  routers = {name: 0.2 * rng.randn(*shape) for name, shape in shapes.items() if ".router." in name}
+  return assign_params(model, routers, keep=[name for name in shapes if name not in routers])
+
+
+def study_model_config(layers, shared):
+  from configs.study_placement import get_config
+  config = get_config()
+  config.model.moe.update(layers=layers, num_shared_experts=shared)
+  return config
+
+
+@pytest.fixture(scope="module")
+def study_dense(tmp_path_factory):
+  """The study's stage-2 model, dense, random (std 0.1: 6 blocks of width 96 stay at logits of order 10), saved
+  as a parameter checkpoint for init.checkpoint; and its logits."""
+  config = study_model_config("none", 0)
+  model = random_dense(config.model, std=0.1)
+  path = str(tmp_path_factory.mktemp("study") / "dense")
+  checkpoints.save_params(path, flat_params(model), {})
+  return path, np.asarray(forward(model, IMAGES))
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 6])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_study_arms_start_at_the_dense_function(study_dense, L, shared):
+  """Every arm of configs/study_placement.py (top-1 of 8 per image, gates not renormalised, dropless), upcycled
+  through the trainer's load_pretrained with the config's own init.upcycle_mode ("preserve"), gives the dense
+  backbone's logits at step 0. The same arms in "copy" mode do not (the confound of docs/results.md)."""
+  path, dense_logits = study_dense
+  config = study_model_config(f"last:{L}", shared)
+  assert config.init.upcycle_mode == "preserve"
+  config.init.checkpoint = path
+  model = with_random_routers(config.model)
+  Classification().load_pretrained(model, config)
+  np.testing.assert_allclose(np.asarray(forward(model, IMAGES)), dense_logits, atol=1e-5, rtol=1e-5)
+  for i in moe_blocks(model):
+    np.testing.assert_array_equal(np.asarray(model.blocks[i].mlp.router.kernel[...]), 0.0)  # uniform router
+  config.init.upcycle_mode = "copy"
+  copied = with_random_routers(config.model)
+  Classification().load_pretrained(copied, config)
+  assert np.abs(np.asarray(forward(copied, IMAGES)) - dense_logits).max() > 1e-2
+
+
+@pytest.mark.parametrize("moe", [
+    dict(k=2, route_per="token", normalize_gates=False),
+    dict(k=2, route_per="token", normalize_gates=True),
+    dict(k=2, route_per="token", normalize_gates=False, num_shared_experts=2),
+    dict(k=2, route_per="token", normalize_gates=True, num_shared_experts=2),
+    dict(k=1, route_per="item", normalize_gates=True, num_shared_experts=1),
+    dict(k=2, route_per="item", normalize_gates=False, num_shared_experts=1, dispatch="einsum"),
+    dict(k=2, route_per="token", normalize_gates=False, num_shared_experts=1, score="sigmoid", routed_scale=2.5),
+    dict(k=2, route_per="token", normalize_gates=True, num_shared_experts=1, score="sigmoid", routed_scale=2.5,
+         num_groups=2, groups_per_token=1, bias_update_rate=0.001),
+    dict(k=2, route_per="token", num_shared_experts=1, router="noisy_top_k"),
+    dict(k=1, route_per="token", normalize_gates=False, router="prototype"),
+])
+def test_preserve_mode_keeps_the_dense_function(dense, dense_logits, moe):
+  """k = 1, 2; S = 0, 1, 2 shared experts; gates normalised or not; per token or per item; softmax or sigmoid
+  scores with routed_scale; group-limited with a routing bias; noisy top-k; prototype routing: the logits at step
+  0 are the dense model's."""
+  moe = dict(dict(dispatch="gather"), **moe)
+  if "bias_update_rate" in moe or moe.get("router") == "noisy_top_k":
+    model = build_vit(moe_config(**moe))   # a routing bias or noise state is no Param: build it for real
+  else:
+    model = upcycling_target(**moe)
+  upcycle(dense, model, mode="preserve")
+  np.testing.assert_allclose(np.asarray(forward(model, IMAGES)), dense_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_preserve_scaling_rule(dense):
+  """The rule by hand: 4 experts, S shared, b = 1/(1+S), a = 1/((1+S) G); the router is zeroed only when the
+  gates are not normalised (G = k/E for softmax: a = E / ((1+S) k))."""
+  dense_params = flat_params(dense)
+  cases = [(dict(k=1, normalize_gates=False, num_shared_experts=1), 4 / 2, 1 / 2, True),
+           (dict(k=2, normalize_gates=False, num_shared_experts=0), 4 / 2, None, True),
+           (dict(k=2, normalize_gates=True, num_shared_experts=2), 1 / 3, 1 / 3, False),
+           (dict(k=2, normalize_gates=False, num_shared_experts=1, score="sigmoid"), 1 / 2, 1 / 2, True)]
+  for moe, a, b, zero_router in cases:
+    model = upcycling_target(**moe)
+    router_before = np.asarray(model.blocks[1].mlp.router.kernel[...])
+    upcycle(dense, model, mode="preserve")
+    layer = model.blocks[1].mlp
+    fc2 = np.asarray(dense_params["blocks.1.mlp.fc2.kernel"])
+    np.testing.assert_allclose(np.asarray(layer.experts.w_out[...]), np.broadcast_to(a * fc2, (4,) + fc2.shape),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.experts.b_out[2]), a * np.asarray(
+        dense_params["blocks.1.mlp.fc2.bias"]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(layer.experts.w_in[3]), np.asarray(
+        dense_params["blocks.1.mlp.fc1.kernel"]))                       # the input side is an exact copy
+    if b is not None:
+      np.testing.assert_allclose(np.asarray(layer.shared.w_out[0]), b * fc2, rtol=1e-6)
+    router = np.asarray(layer.router.kernel[...])
+    if zero_router:
+      np.testing.assert_array_equal(router, 0.0)
+    else:
+      np.testing.assert_array_equal(router, router_before)
+
+
+def test_preserve_with_expert_noise_differs_by_the_noise_only(dense, dense_logits):
+  model = upcycling_target(k=1, route_per="item", normalize_gates=False, num_shared_experts=1)
+  upcycle(dense, model, mode="preserve", noise_std=1e-3, rng=jax.random.key(0))
+  difference = np.abs(np.asarray(forward(model, IMAGES)) - dense_logits).max()
+  assert 1e-5 < difference < 0.1 * np.abs(dense_logits).max()
+
+
+def test_copy_mode_is_todays_recipe(dense):
+  """mode="copy" (the default and the paper configs'): exact copies, fresh routers, nothing scaled."""
+  explicit, default = upcycling_target(k=1, num_shared_experts=1), upcycling_target(k=1, num_shared_experts=1)
+  upcycle(dense, explicit, mode="copy")
+  upcycle(dense, default)
+  for name, value in flat_params(default).items():
+    np.testing.assert_array_equal(np.asarray(flat_params(explicit)[name]), np.asarray(value))
+  fc2 = np.asarray(flat_params(dense)["blocks.2.mlp.fc2.kernel"])
+  np.testing.assert_array_equal(np.asarray(explicit.blocks[2].mlp.experts.w_out[1]), fc2)
+  np.testing.assert_array_equal(np.asarray(explicit.blocks[2].mlp.shared.w_out[0]), fc2)
+  from configs.vimoe_s14_in1k import get_config
+  assert get_config().init.get("upcycle_mode", "copy") == "copy"
+
+
+def test_bad_modes_and_unpreservable_routers_are_refused(dense, tmp_path):
+  with pytest.raises(ValueError, match=r"init.upcycle_mode='presrve' is not a mode; valid: 'preserve' .* 'copy'"):
+    upcycle(dense, upcycling_target(k=1), mode="presrve")
+  config = study_model_config("none", 0)
+  config.init.update(checkpoint=str(tmp_path), upcycle_mode="Preserve")
+  with pytest.raises(ValueError, match=r"init.upcycle_mode='Preserve'"):   # refused for a dense arm too
+    Classification().load_pretrained(None, config)
+  with pytest.raises(ValueError, match=r"capacity_factor=1.25 drops"):
+    upcycle(dense, upcycling_target(k=1, normalize_gates=False, capacity_factor=1.25), mode="preserve")
+  with pytest.raises(ValueError, match=r"router='experts_choose'"):
+    upcycle(dense, upcycling_target(k=1, router="experts_choose", capacity_factor=1.0, route_per="token"),
+            mode="preserve")
+
+
+def test_a_zero_router_still_learns():
+  """Identical experts f (ReLU, so f is computed here in NumPy), routed output layer x a = E/k, zero router,
+  k=2 of E=8, loss L = sum(y * T). By the module docstring dL/dW = sum_x x a <T(x), f(x)> u^T with
+  u_j = (1[j in {0, 1}] - k/E) / E (ties go to experts 0 and 1): non-zero and rank one. With normalised gates
+  the task gradient to a (random) router is zero: G = 1 whatever the router."""
+  from vimoe import moe as moe_lib
+  E, k, D, H = 8, 2, 6, 10
+  rng = np.random.RandomState(0)
+  w_in, b_in = rng.randn(D, H).astype(np.float32), rng.randn(H).astype(np.float32)
+  w_out, b_out = rng.randn(H, D).astype(np.float32), rng.randn(D).astype(np.float32)
+  x = rng.randn(2, 5, D).astype(np.float32)
+  target = rng.randn(2, 5, D).astype(np.float32)
+  f = np.maximum(x @ w_in + b_in, 0) @ w_out + b_out                               # [B, T, D]
+
+  def router_gradient(normalize, a, router):
+    layer = moe_lib.MoeLayer(D, H, num_experts=E, k=k, capacity_factor=None, dispatch="gather",
+                             route_per="token", normalize_gates=normalize, activation="relu", rngs=nnx.Rngs(0))
+    for name, value in (("w_in", w_in), ("b_in", b_in), ("w_out", a * w_out), ("b_out", a * b_out)):
+      getattr(layer.experts, name)[...] = jnp.broadcast_to(jnp.asarray(value), (E,) + value.shape)
+    layer.router.kernel[...] = jnp.asarray(router)
+    y, _ = layer(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), f, rtol=1e-4, atol=1e-4)           # step 0: the dense MLP
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x))[0] * target))(layer)
+    return np.asarray(grads["router"]["kernel"][...])
+
+  gradient = router_gradient(False, E / k, np.zeros((D, E), np.float32))
+  u = (np.isin(np.arange(E), [0, 1]) - k / E) / E                                  # [E]
+  c = (E / k) * np.sum(target * f, -1)                                             # [B, T]: a <T, f>
+  expected = np.einsum("btd,bt->d", x, c)[:, None] * u[None, :]                    # [D, E]
+  np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-4)
+  assert np.abs(gradient).max() > 1e-2 and np.linalg.matrix_rank(gradient, tol=1e-4) == 1
+  normalised = router_gradient(True, 1.0, 0.5 * rng.randn(D, E).astype(np.float32))
+  np.testing.assert_allclose(normalised, 0.0, atol=1e-4)

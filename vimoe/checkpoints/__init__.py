@@ -17,12 +17,13 @@ from vimoe.models import vit as vit_lib
 
 
 def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
-                    rng: jax.Array | None = None) -> vit_lib.ViT:
+                    rng: jax.Array | None = None, mode: str = "copy") -> vit_lib.ViT:
   """Initialises `model` (in place; returned) from dense pretrained weights at `path`.
 
   `path`: a directory written by scripts/convert_dinov2.py (or `dinov2.save_params`), a Hugging Face DINOv2
   directory, or a DINOv2 `.pth` / `.safetensors` / `.bin` file. A dense model takes the weights as they are;
-  a ViMoE model is upcycled (experts = copies of the dense MLPs, fresh routers, see upcycle.py), unless the
+  a ViMoE model is upcycled (`mode`: "copy", experts = copies of the dense MLPs, fresh routers; "preserve", the
+  same scaled so that step 0 computes the dense function; see upcycle.py), unless the
   checkpoint already holds a router and experts for every MoE block of the model (an exported ViMoE run, a model
   pruned by scripts/prune_moe.py): then it is copied as it is, as a dense one is. The model's own
   head is kept unless the checkpoint has one of the same shape; a different position grid is resampled. A vimoe
@@ -37,7 +38,7 @@ def load_pretrained(model: vit_lib.ViT, path: str, *, noise_std: float = 0.0,
   else:
     params = to_vit_params(read_state_dict(path))
   if vit_lib.moe_blocks(model) and not _holds_moe_blocks(params, model):
-    return upcycle_params(params, model, noise_std=noise_std, rng=rng)
+    return upcycle_params(params, model, noise_std=noise_std, rng=rng, mode=mode)
   model_params = vit_lib.flat_params(model)
   head_fits = all(name in params and params[name].shape == model_params[name].shape
                   for name in model_params if name.startswith("head."))

@@ -87,10 +87,14 @@ class Task:
 
 def load_vit_weights(vit, config) -> None:
   """config.init.checkpoint into a ViT: converted DINOv2 weights (scripts/convert_dinov2.py), an HF directory or
-  a .pth file; a ViMoE model is upcycled (every expert a copy of the dense MLP, plus init.noise_std noise)."""
-  from vimoe.checkpoints import load_pretrained
+  a .pth file; a ViMoE model is upcycled by init.upcycle_mode (default "copy": every expert a copy of the dense
+  MLP; "preserve": scaled so that step 0 computes the dense function, vimoe/checkpoints/upcycle.py), plus
+  init.noise_std noise on the routed experts."""
+  from vimoe.checkpoints import load_pretrained, upcycle
+  mode = config.init.get("upcycle_mode", "copy")
+  upcycle.check_mode(mode)  # a bad value is refused even where nothing is upcycled (a dense arm of a sweep)
   load_pretrained(vit, config.init.checkpoint, noise_std=config.init.get("noise_std", 0.0),
-                  rng=jax.random.PRNGKey(config.seed))
+                  rng=jax.random.PRNGKey(config.seed), mode=mode)
 
 
 class Classification(Task):
