@@ -26,6 +26,16 @@ bookkeeping, as a run does it) against the bare compiled train step on the same 
 device, one `jax.jit` call per step, no Python between calls), both in this process. Times are per window of
 `--window` steps (the trainer's: from its own metrics.jsonl, `train/examples_per_sec` of each logging window; the
 first window, which compiles, is dropped); ratio = trainer / bare, of the medians.
+
+    .venv-tpu/bin/python scripts/benchmark.py grouped-matmul --topology v5e:2x2
+
+`grouped-matmul`: the dropless layer's local expert compute (every routed row once, forward+backward wrt the
+expert weights and the rows, bfloat16) compiled by the TPU compiler for one chip of a slice (ahead of time, no TPU
+needed; libtpu: make tpu-venv), per `grouped_matmul` method at the MoE shapes of the paper configs, with the rows a
+chip holds at the paper batch on 8 chips: the compiler's FLOPs and bytes accessed, the roofline time they give on
+that chip (vimoe/parallel/aot.py) and the per-chip temp + argument bytes. It is the evidence that sets `"auto"`
+per backend. The block loop's overflow blocks run in a loop of data-dependent length, which the compiler counts
+once: its figures are those of balanced routing (no overflow) plus one block.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ import re
 import sys
 import time
 
+if len(sys.argv) > 1 and sys.argv[1] == "grouped-matmul":  # compile-only for TPU: libtpu next to other processes
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if len(sys.argv) > 1 and sys.argv[1] == "moe-mesh" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
@@ -210,6 +223,65 @@ def bench_moe_mesh(args):
             + " | ".join(mib(totals[op]) for op in COLLECTIVES) + f" | {mib(sum(totals.values()))} |", flush=True)
 
 
+# The paper configs' MoE shapes: (name, D, H, E, k, activation, rows per chip at the paper batch on 8 chips).
+PAPER_MOE_SHAPES = (
+    ("ViMoE-S/14 (1024 x 257 tokens)", 384, 1536, 8, 1, "gelu", 1024 * 257 // 8),
+    ("ViMoE-B/14 (1024 x 257 tokens)", 768, 3072, 8, 1, "gelu", 1024 * 257 // 8),
+    ("LSTM MoE-256 (256 x 256 tokens)", 512, 1024, 256, 4, "relu", 256 * 256 // 8),
+    ("UMoE base FFN (one 16k-token microbatch)", 768, 192, 128, 15, "gelu", 16384),
+)
+
+
+def bench_grouped_matmul(args):
+  """The TPU compiler's cost of each grouped_matmul method at the paper configs' MoE shapes (one chip's rows)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from vimoe import parallel
+  from vimoe.moe import sharding as moe_sharding
+  from vimoe.parallel import aot
+  topology = aot.get_topology(args.topology)
+  chips = len(topology.devices)
+  mesh = parallel.make_mesh(data=chips, expert=1, devices=topology.devices)
+  print(f"# {args.topology} ({aot.chip_for(args.topology).name}), compiled ahead of time; per chip: the chip's rows, "
+        "all E experts local; forward+backward, bfloat16 rows and weights")
+  chip = aot.chip_for(args.topology)
+  print("| shape | rows x k | grouped_matmul | GFLOP | GiB accessed | roofline ms | temp + argument MiB | "
+        "compile s |\n|---|---|---|---|---|---|---|---|")
+  for name, D, H, E, k, activation, rows in PAPER_MOE_SHAPES:
+    if args.shapes and not any(s.lower() in name.lower() for s in args.shapes):
+      continue
+    params = {"w_in": (E, D, H), "b_in": (E, H), "w_out": (E, H, D), "b_out": (E, D)}
+    struct = lambda shape, spec: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    abstract_params = {key: struct(shape, P()) for key, shape in params.items()}
+    x = struct((rows * chips, D), P("data"))
+    index = jax.ShapeDtypeStruct((rows * chips, k), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+    gates = struct((rows * chips, k), P("data"))
+    for method in args.methods:
+      def local(params, x, index, gates, method=method):
+        def loss(params, x):
+          y = moe_sharding.local_dropless(x, index, gates, E, params, activation, method, None)
+          return jnp.sum(y.astype(jnp.float32) ** 2)
+        grads = jax.grad(loss, argnums=(0, 1))(params, x)
+        return jax.tree.map(lambda g: jax.lax.psum(g, "data"), grads[0]), grads[1]
+      spec = {key: P() for key in params}
+      step = jax.shard_map(local, mesh=mesh, in_specs=(spec, P("data"), P("data"), P("data")),
+                           out_specs=(spec, P("data")), check_vma=False)
+      start = time.perf_counter()
+      try:
+        compiled = jax.jit(step).lower(abstract_params, x, index, gates).compile()
+      except Exception as error:  # a method that does not lower here: say so in the table
+        print(f"| {name} | {rows} x {k} | {method} | does not compile: {str(error).splitlines()[0][:90]} | | | | |",
+              flush=True)
+        continue
+      seconds = time.perf_counter() - start
+      cost = compiled.cost_analysis()
+      memory = compiled.memory_analysis()
+      print(f"| {name} | {rows} x {k} | {method} | {cost.get('flops', 0) / 1e9:.1f} | "
+            f"{cost.get('bytes accessed', 0) / 2**30:.2f} | "
+            f"{aot.roofline(cost.get('flops', 0), cost.get('bytes accessed', 0), chip)['step_s'] * 1e3:.2f} | "
+            f"{(memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**20:.1f} | {seconds:.0f} |",
+            flush=True)
+
+
 def bench_vit(args):
   import pathlib
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -341,6 +413,12 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=2)
   p.add_argument("--meshes", type=lambda s: [tuple(int(v) for v in m.split("x")) for m in s.split(",")],
                  default=[(1, 8), (2, 4)], help="data x expert shapes")
+  p = sub.add_parser("grouped-matmul", help="TPU compiler's cost of each grouped_matmul method (needs libtpu)")
+  p.add_argument("--topology", default="v5e:2x2", help="TPU slice to compile for (one chip's share is reported)")
+  p.add_argument("--methods", type=lambda s: s.split(","), default=["block_loop", "ragged_dot", "gmm"],
+                 help="grouped_matmul methods (MoeConfig.grouped_matmul)")
+  p.add_argument("--shapes", type=lambda s: s.split(","), default=[],
+                 help="only the paper shapes whose name contains one of these (default: all)")
   p = sub.add_parser("vit", help="ViMoE-S/14 vs dense ViT-S/14 train step")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--image-size", type=int, default=224)
@@ -359,6 +437,8 @@ def main(argv=None):
     bench_moe(args)
   elif args.what == "moe-mesh":
     bench_moe_mesh(args)
+  elif args.what == "grouped-matmul":
+    bench_grouped_matmul(args)
   elif args.what == "vit":
     bench_vit(args)
   elif args.what == "trainer":
