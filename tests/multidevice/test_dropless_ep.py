@@ -186,3 +186,10 @@ def test_default_buffer_compiles_to_less_temporary_memory_than_the_worst_case():
     temp[factor] = compiled.memory_analysis().temp_size_in_bytes
   print({factor: f"{size / 2**20:.1f} MiB" for factor, size in temp.items()})
   assert temp[moe.MoeConfig.dropless_buffer_factor] <= 0.5 * temp[None]
+
+
+@pytest.mark.parametrize("value", [0.5, 0, "2", True])
+def test_buffer_factor_below_a_balanced_load_or_not_a_number_is_refused(value):
+  with pytest.raises(ValueError, match=r"^model\.moe\.dropless_buffer_factor=" + re.escape(repr(value)) + " must be"):
+    moe.MoeConfig.from_dict({"dropless_buffer_factor": value}, prefix="model.moe.")
+  assert moe.MoeConfig.from_dict({"dropless_buffer_factor": None}).dropless_buffer_factor is None   # None: a value
