@@ -56,7 +56,7 @@ MIXINGS = ("pre", "post")
 MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "num_shared_experts", "normalize_gates",
               "balance_weight", "importance_weight", "z_loss_weight", "load_weight",
               "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
-              "sequence_balance_weight", "grouped_matmul", "block_size")
+              "sequence_balance_weight", "grouped_matmul", "block_size", "dropless_buffer_factor")
 MOE_DEFAULTS = moe.MoeConfig(capacity_factor=None, dispatch="gather", causal=True)
 
 
@@ -367,7 +367,8 @@ class UmoeAttention(nnx.Module):
       assignment = moe.routing.assign_slots(unit_index, unit_gates, E, capacity, valid=unit_valid)
       routed = moe.run_experts(experts, units, assignment, dispatch=self.config.dispatch, capacity=capacity,
                                tokens_per_unit=1, block_size=self.config.block_size,
-                               grouped_matmul=self.config.grouped_matmul)                   # p_i E_i(a_i X)
+                               grouped_matmul=self.config.grouped_matmul,
+                               dropless_buffer_factor=self.config.dropless_buffer_factor)   # p_i E_i(a_i X)
       y = routed.reshape(B, K, T, D).sum(axis=1)
       kept = assignment.kept.reshape(B, K, T).transpose(0, 2, 1)
       if self.shared is not None:

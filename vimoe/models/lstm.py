@@ -59,9 +59,10 @@ MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "moe")
 MOE_EXTRAS = {"type": "moe_type", "hidden_dim": "hidden_dim", "num_groups": "num_groups",
               "experts_per_group": "experts_per_group", "k_primary": "k_primary", "k_secondary": "k_secondary"}
 MOE_FIELDS = ("num_experts", "k", "importance_weight", "load_weight", "capacity_factor", "dispatch", "group_size",
-              "grouped_matmul")
+              "grouped_matmul", "dropless_buffer_factor")
 MOE_KEYS = ("type", "hidden_dim", "num_experts", "k", "num_groups", "experts_per_group", "k_primary", "k_secondary",
-            "importance_weight", "load_weight", "capacity_factor", "dispatch", "group_size", "grouped_matmul")
+            "importance_weight", "load_weight", "capacity_factor", "dispatch", "group_size", "grouped_matmul",
+            "dropless_buffer_factor")
 # The paper's MoE (flat MoE-256 of appendix C.1): ReLU experts, noisy top-4 of 256, both losses weighted 0.1.
 MOE_DEFAULTS = moe_lib.MoeConfig(num_experts=256, k=4, router="noisy_top_k", capacity_factor=None,
                                  dispatch="gather", activation="relu", causal=True, importance_weight=0.1,

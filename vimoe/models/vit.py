@@ -65,7 +65,7 @@ MOE_FIELDS = ("num_experts", "k", "router", "capacity_factor", "dispatch", "grou
               "num_shared_experts", "normalize_gates", "balance_weight", "importance_weight", "z_loss_weight",
               "load_weight", "batch_priority", "slots_per_expert",
               "score", "routed_scale", "bias_update_rate", "num_groups", "groups_per_token",
-              "sequence_balance_weight", "grouped_matmul")
+              "sequence_balance_weight", "grouped_matmul", "dropless_buffer_factor")
 MOE_DEFAULTS = moe.MoeConfig(route_per="item", activation="gelu_exact")
 
 
