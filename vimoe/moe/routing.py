@@ -92,7 +92,8 @@ def affinity_gating(logits: jax.Array, k: int, *, score: str, normalize: bool, r
   scores s = softmax(logits) or sigmoid(logits). Experts are chosen by s + bias ([E], auxiliary-loss-free
   balancing; None: s alone), among the experts of the `groups_per_token` best of `num_groups` groups
   (`group_limited_mask`: a group scores the sum of its top ceil(k / groups_per_token)). The gates are the
-  unbiased s of the chosen experts, divided by their sum when `normalize`, times `routed_scale`. With score="softmax" and the other settings off this is `top_k_gating`.
+  unbiased s of the chosen experts, divided by their sum when `normalize`, times `routed_scale`. With
+  score="softmax" and the other settings off this is `top_k_gating`.
   """
   logits = logits.astype(jnp.float32)
   scores = jax.nn.softmax(logits, axis=-1) if score == "softmax" else jax.nn.sigmoid(logits)
