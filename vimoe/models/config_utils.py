@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from vimoe.moe.config import choose
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-__all__ = ["DTYPES", "as_dict", "check_keys", "choose", "parse_moe_layers", "positive_int"]
+# `model.remat`: what the backward pass of each block keeps from the forward pass (every model family).
+#   "none": everything (no rematerialisation; the default, today's step);
+#   "full": only the block's inputs: the whole block is recomputed in the backward pass (`nnx.remat`);
+#   "dots": the outputs of matmuls without batch dimensions (the dense projections); the rest, including the
+#           experts' batched matmuls and attention, is recomputed.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+__all__ = ["DTYPES", "REMAT_POLICIES", "as_dict", "check_keys", "check_remat", "choose", "parse_moe_layers",
+           "positive_int", "remat_block"]
+
+
+def check_remat(value, key: str = "model.remat") -> str:
+  """The one check of `model.remat` (raises naming the key, the value and the valid ones)."""
+  choose(key, value, tuple(REMAT_POLICIES))
+  return value
+
+
+def remat_block(block_call: Callable, remat: str) -> Callable:
+  """`block_call(module, *arrays)` as the backward pass should see it under `model.remat=remat`: unchanged for
+  "none", else an `nnx.remat` whose policy (REMAT_POLICIES) says what is kept. Python flags (deterministic, ...)
+  must be closed over by `block_call`, not passed."""
+  if remat == "none":
+    return block_call
+  return nnx.remat(block_call, policy=REMAT_POLICIES[remat])
 
 
 def as_dict(config) -> dict:

@@ -43,7 +43,8 @@ from flax import nnx
 
 from vimoe import moe
 from vimoe.models import params as params_lib
-from vimoe.models.config_utils import DTYPES, as_dict, check_keys, choose, parse_moe_layers, positive_int
+from vimoe.models.config_utils import (DTYPES, as_dict, check_keys, check_remat, choose, parse_moe_layers,
+                                       positive_int, remat_block)
 
 NAMES = ("transformer", "umoe")
 POSITIONS = ("rope", "learned")
@@ -78,6 +79,7 @@ class LMConfig:
   norm_eps: float = 1e-6
   dropout: float = 0.0
   dtype: str = "float32"
+  remat: str = "none"
   umoe_mixing: str = "pre"
   umoe_attn_k: int = 2
   umoe_query_rank: int = 16
@@ -135,6 +137,8 @@ def lm_config(config, prefix: str = "model.") -> LMConfig:
                      ("mlp_activation", moe.ACTIVATIONS), ("umoe_mixing", MIXINGS)):
     if key in resolved:
       choose(prefix + key, resolved[key], valid)
+  if "remat" in resolved:
+    check_remat(resolved["remat"], prefix + "remat")
   rope = resolved.get("positions", "rope") == "rope"
   if rope and (resolved["dim"] // resolved["num_heads"]) % 2:
     raise ValueError(f"{prefix}dim / {prefix}num_heads = {resolved['dim'] // resolved['num_heads']} must be even "
@@ -479,9 +483,14 @@ class LanguageModel(params_lib.BlockStack, nnx.Module):
     if self.dropout is not None:
       x = self.dropout(x, deterministic=deterministic)
     named_aux, new_cache = [], []
+    # model.remat: what the backward pass keeps of each block (config_utils.REMAT_POLICIES); decoding has none.
+    run_block = remat_block(
+        lambda block, x, positions, tokens, block_cache, mask: block(
+            x, positions=positions, token_ids=tokens, deterministic=deterministic, cache=block_cache, mask=mask),
+        self.config.remat if cache is None else "none")
     for index, block in enumerate(self.blocks):
-      x, block_aux, block_cache = block(x, positions=positions, token_ids=tokens, deterministic=deterministic,
-                                        cache=None if cache is None else cache[index], mask=mask)
+      x, block_aux, block_cache = run_block(block, x, positions, tokens, None if cache is None else cache[index],
+                                            mask)
       new_cache.append(block_cache)
       named_aux += [(f"block{index}{suffix}", block_aux[part]) for part, suffix in (("ffn", ""), ("attn", "_attn"))
                     if block_aux[part] is not None]

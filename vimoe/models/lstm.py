@@ -50,11 +50,11 @@ from flax import nnx
 
 from vimoe import moe as moe_lib
 from vimoe.models import params as params_lib
-from vimoe.models.config_utils import as_dict, positive_int
+from vimoe.models.config_utils import DTYPES, as_dict, check_remat, choose, positive_int, remat_block
 from vimoe.models.params import activated_params, count_params  # noqa: F401  (the model's API)
 
 MOE_TYPES = ("flat", "hierarchical")
-MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "moe")
+MODEL_KEYS = ("name", "vocab_size", "dim", "dropout", "forget_bias", "dtype", "remat", "moe")
 # model.moe keys: the LSTM-MoE's own (-> LstmMoeConfig field) and those of the MoeConfig (MOE_FIELDS).
 MOE_EXTRAS = {"type": "moe_type", "hidden_dim": "hidden_dim", "num_groups": "num_groups",
               "experts_per_group": "experts_per_group", "k_primary": "k_primary", "k_secondary": "k_secondary"}
@@ -76,6 +76,8 @@ class LstmMoeConfig:
   dim: int = 512
   dropout: float = 0.1
   forget_bias: float = 1.0
+  dtype: str = "float32"     # computation dtype; parameters stay float32, the LSTM cell state float32
+  remat: str = "none"        # what the backward pass keeps of each block (config_utils.REMAT_POLICIES)
   moe_type: str = "flat"
   hidden_dim: int = 1024
   num_groups: int = 16
@@ -104,7 +106,7 @@ def lstm_config(config) -> LstmMoeConfig:
   unknown = [key for key in moe_values if key not in MOE_KEYS]
   if unknown:
     raise ValueError(f"config.model.moe key(s) {unknown} are not LSTM-MoE keys; valid: {', '.join(MOE_KEYS)}")
-  fields = {key: values[key] for key in ("vocab_size", "dim", "dropout", "forget_bias")
+  fields = {key: values[key] for key in ("vocab_size", "dim", "dropout", "forget_bias", "dtype", "remat")
             if values.get(key) is not None}
   fields.update({field: moe_values[key] for key, field in MOE_EXTRAS.items() if moe_values.get(key) is not None})
   moe_config = moe_lib.MoeConfig.from_dict({key: moe_values[key] for key in MOE_FIELDS if key in moe_values},
@@ -112,6 +114,8 @@ def lstm_config(config) -> LstmMoeConfig:
   resolved = LstmMoeConfig(**fields, moe=moe_config)
   for key in ("vocab_size", "dim", "hidden_dim"):
     positive_int(getattr(resolved, key), f"config.model.{'moe.' if key == 'hidden_dim' else ''}{key}")
+  choose("config.model.dtype", resolved.dtype, tuple(DTYPES))
+  check_remat(resolved.remat, "config.model.remat")
   if not 0 <= resolved.dropout < 1:
     raise ValueError(f"config.model.dropout={resolved.dropout!r} must be in [0, 1)")
   if resolved.moe_type not in MOE_TYPES:
@@ -146,29 +150,34 @@ def lstm_scan(input_projection: jax.Array, recurrent_kernel: jax.Array) -> jax.A
   """Runs the LSTM recurrence from a zero state.
 
   input_projection [B, T, 4H] = x W_x + b (computed for all steps at once); recurrent_kernel [H, 4H], gates in the
-  order (i, f, g, o). Returns the hidden states h [B, T, H].
+  order (i, f, g, o). Returns the hidden states h [B, T, H]. The matmuls run in input_projection's dtype (the
+  compute dtype); the gates and the cell state are float32, so a bfloat16 model does not round its memory.
   """
   B, _, four_h = input_projection.shape
   H = four_h // 4
+  dtype = input_projection.dtype
+  recurrent_kernel = recurrent_kernel.astype(dtype)
 
   def step(carry, projected):                  # projected [B, 4H]: one time step
     cell, hidden = carry
-    z = projected + hidden @ recurrent_kernel   # [B, 4H]
+    z = (projected + hidden @ recurrent_kernel).astype(jnp.float32)   # [B, 4H]
     i, f, g, o = jnp.split(z, 4, axis=-1)
     cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
-    hidden = jax.nn.sigmoid(o) * jnp.tanh(cell)
+    hidden = (jax.nn.sigmoid(o) * jnp.tanh(cell)).astype(dtype)
     return (cell, hidden), hidden
 
-  zeros = jnp.zeros((B, H), input_projection.dtype)
-  _, hiddens = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(input_projection, 0, 1))  # [T, B, H]
+  zeros = jnp.zeros((B, H), jnp.float32)
+  _, hiddens = jax.lax.scan(step, (zeros, zeros.astype(dtype)), jnp.swapaxes(input_projection, 0, 1))  # [T, B, H]
   return jnp.swapaxes(hiddens, 0, 1)
 
 
 class LSTM(nnx.Module):
   """One LSTM layer over a whole sequence: x [B, T, D] -> h [B, T, H]."""
 
-  def __init__(self, in_dim: int, hidden_dim: int, *, forget_bias: float = 1.0, rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, hidden_dim: int, *, forget_bias: float = 1.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     H = hidden_dim
+    self.dtype = dtype  # computation dtype (parameters are float32)
     self.input_kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (in_dim, 4 * H)))
     # One orthogonal [H, H] block per gate keeps the recurrence well conditioned at the start.
     blocks = [nnx.initializers.orthogonal()(rngs.params(), (H, H)) for _ in range(4)]
@@ -176,7 +185,8 @@ class LSTM(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((4 * H,)).at[H:2 * H].set(forget_bias))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    projected = x @ self.input_kernel[...] + self.bias[...]          # [B, T, 4H]: every step at once
+    x = x.astype(self.dtype)
+    projected = x @ self.input_kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)  # [B, T, 4H]: all steps
     return lstm_scan(projected, self.recurrent_kernel[...])
 
 
@@ -195,7 +205,7 @@ class LstmBlock(nnx.Module):
   """x + dropout(LSTM(x))."""
 
   def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
-    self.lstm = LSTM(config.dim, config.dim, forget_bias=config.forget_bias, rngs=rngs)
+    self.lstm = LSTM(config.dim, config.dim, forget_bias=config.forget_bias, dtype=DTYPES[config.dtype], rngs=rngs)
     self.dropout = _dropout(config.dropout, rngs)
 
   def __call__(self, x, *, deterministic: bool, mask=None):
@@ -229,10 +239,12 @@ class LstmMoeLM(params_lib.BlockStack, nnx.Module):
 
   def __init__(self, config: LstmMoeConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.embed = nnx.Embed(config.vocab_size, config.dim, rngs=rngs)
+    dtype = DTYPES[config.dtype]
+    self.embed = nnx.Embed(config.vocab_size, config.dim, dtype=dtype, rngs=rngs)
     self.embed_dropout = _dropout(config.dropout, rngs)
     self.blocks = nnx.List([LstmBlock(config, rngs=rngs), MoeBlock(config, rngs=rngs), LstmBlock(config, rngs=rngs)])
-    self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+    self.head = nnx.Linear(config.dim, config.vocab_size, kernel_init=nnx.initializers.lecun_normal(), dtype=dtype,
+                           rngs=rngs)
 
   EMBEDDINGS = ("embed",)  # layer 0 for layer-wise lr decay (params_lib.BlockStack)
 
@@ -245,8 +257,10 @@ class LstmMoeLM(params_lib.BlockStack, nnx.Module):
       raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, time] integer ids")
     x = _apply_dropout(self.embed_dropout, self.embed(tokens), deterministic)   # [B, T, D]
     named_aux = []
+    run_block = remat_block(lambda block, x, mask: block(x, deterministic=deterministic, mask=mask),
+                            self.config.remat)
     for index, block in enumerate(self.blocks):
-      x, block_aux = block(x, deterministic=deterministic, mask=mask)
+      x, block_aux = run_block(block, x, mask)
       if block_aux is not None:
         named_aux.append((f"block{index}", block_aux))
     logits = self.head(x)                                                        # [B, T, V]

@@ -33,7 +33,8 @@ from flax import nnx
 
 from vimoe import moe
 from vimoe.models import params as params_lib
-from vimoe.models.config_utils import DTYPES, as_dict, check_keys, choose, parse_moe_layers, positive_int
+from vimoe.models.config_utils import (DTYPES, as_dict, check_keys, check_remat, choose, parse_moe_layers,
+                                       positive_int, remat_block)
 from vimoe.models.params import activated_params, assign_params, count_params, flat_params  # noqa: F401  (API)
 from vimoe.models.posemb import resample_pos_embed, resize_class_and_grid
 
@@ -89,6 +90,7 @@ class ViTConfig:
   posemb_interpolation_offset: float = 0.0
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
+  remat: str = "none"
   moe_layers: tuple[int, ...] = ()
   moe: moe.MoeConfig = MOE_DEFAULTS  # its activation is mlp_activation
 
@@ -103,7 +105,7 @@ class ViTConfig:
 MODEL_KEYS = ("name", "variant", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_dim", "num_classes",
               "num_registers", "layerscale_init", "mlp_activation", "classifier", "head_zero_init",
               "drop_path_rate", "posemb_interpolation", "posemb_interpolation_offset", "layer_norm_eps", "dtype",
-              "moe")
+              "remat", "moe")
 MOE_KEYS = ("layers",) + MOE_FIELDS
 
 
@@ -156,6 +158,8 @@ def vit_config(config, prefix: str = "model.") -> ViTConfig:
                      ("posemb_interpolation", POSEMB_INTERPOLATIONS), ("dtype", tuple(DTYPES))):
     if key in resolved:
       choose(prefix + key, resolved[key], valid)
+  if "remat" in resolved:
+    check_remat(resolved["remat"], prefix + "remat")
   if not 0.0 <= resolved.get("drop_path_rate", 0.0) < 1.0:
     raise ValueError(f"{prefix}drop_path_rate={resolved['drop_path_rate']!r} must be in [0, 1)")
   if not 0.0 <= resolved.get("posemb_interpolation_offset", 0.0) < 1.0:
@@ -343,13 +347,17 @@ class ViT(params_lib.BlockStack, nnx.Module):
       raise ValueError(f"return_layers={tuple(return_layers)} must be block indices in [-{depth}, {depth - 1}]")
     named_aux, routing_choice, outputs = [], {}, {}
     token_mask = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool)[:, None], x.shape[:2])
+    # model.remat: what the backward pass keeps of each block (config_utils.REMAT_POLICIES).
+    run_block = remat_block(lambda block, x, mask: block(x, deterministic=deterministic,
+                                                         return_routing=return_routing, mask=mask),
+                            self.config.remat)
     for index, block in enumerate(self.blocks):
       if return_routing:
-        x, block_aux, choice = block(x, deterministic=deterministic, return_routing=True, mask=token_mask)
+        x, block_aux, choice = run_block(block, x, token_mask)
         if choice is not None:
           routing_choice[f"block{index}"] = choice
       else:
-        x, block_aux = block(x, deterministic=deterministic, mask=token_mask)
+        x, block_aux = run_block(block, x, token_mask)
       if block_aux is not None:
         named_aux.append((f"block{index}", block_aux))
       if index in wanted:
