@@ -35,6 +35,7 @@ def base_config(*, moe_layers: str = "none", head: str = "linear", steps: int = 
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
   config.expert_map_images = 4
   config.data = ml_collections.ConfigDict(dict(
       name="ade20k", data_dir=ml_collections.config_dict.placeholder(str), crop_size=512, eval_stride=341,
@@ -44,6 +45,8 @@ def base_config(*, moe_layers: str = "none", head: str = "linear", steps: int = 
   config.model = ml_collections.ConfigDict(dict(
       variant=variant, image_size=518, num_classes=ADE20K_CLASSES, num_registers=0, layerscale_init=1e-5,
       drop_path_rate=0.1))
+  config.model.dtype = "float32"  # computation dtype ("bfloat16": parameters stay float32)
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers=moe_layers, num_experts=num_experts, k=k, router="top_k", capacity_factor=placeholder(float),
       dispatch="gather", group_size=placeholder(int), route_per="token", num_shared_experts=num_shared_experts,

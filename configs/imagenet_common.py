@@ -31,12 +31,15 @@ def base_config(*, variant: str, epochs: int, batch_size: int = 1024, lr: float 
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.label_smoothing = label_smoothing
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
   config.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", image_size=224, data_dir=ml_collections.config_dict.placeholder(str), augment=True,
       num_workers=8, read_threads=16, train_split="train", eval_split="validation"))
   config.model = ml_collections.ConfigDict(dict(
       variant=variant, image_size=224, num_classes=1000, num_registers=0, layerscale_init=layerscale_init,
       classifier="cls", head_zero_init=True, drop_path_rate=drop_path_rate))
+  config.model.dtype = "float32"  # computation dtype ("bfloat16": parameters stay float32)
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers=moe_layers, num_experts=num_experts, k=k, router="top_k",
       capacity_factor=placeholder(float) if capacity_factor is None else capacity_factor,

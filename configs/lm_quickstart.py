@@ -33,6 +33,7 @@ def get_config(arg=None):
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
 
   # The validation split (Macbeth and The Tempest, 201,868 bytes) is evaluated in full.
   config.data = ml_collections.ConfigDict(dict(
@@ -43,6 +44,7 @@ def get_config(arg=None):
       name="transformer", vocab_size=256, dim=128, depth=4, num_heads=4, mlp_dim=512, max_length=128,
       positions="rope", tie_embeddings=False, mlp_activation="gelu", norm="rmsnorm", dropout=0.0,
       dtype="float32"))
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers="every:1", num_experts=16, k=2, hidden_dim=128, router="top_k",
       capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=2,

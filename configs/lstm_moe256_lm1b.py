@@ -43,6 +43,7 @@ def base_config(*, moe: dict, dropout: float, arg=None):
   config.checkpoint_every = 2_000
   config.keep_checkpoints = 3
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
 
   spm_model = str(arg) if arg else None
   config.data = ml_collections.ConfigDict(dict(
@@ -53,6 +54,8 @@ def base_config(*, moe: dict, dropout: float, arg=None):
 
   config.model = ml_collections.ConfigDict(dict(
       name="lstm_moe", vocab_size=32_000 if spm_model else 256, dim=512, dropout=dropout, forget_bias=1.0))
+  config.model.dtype = "float32"  # computation dtype ("bfloat16": parameters stay float32)
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       hidden_dim=1024, importance_weight=0.1, load_weight=0.1, capacity_factor=placeholder(float), dispatch="gather",
       group_size=placeholder(int), **moe))

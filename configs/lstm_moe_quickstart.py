@@ -31,6 +31,7 @@ def get_config(arg=None):
   config.checkpoint_every = 200
   config.keep_checkpoints = 2
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
 
   config.data = ml_collections.ConfigDict(dict(
       name="shakespeare", seq_len=128, tokenizer="bytes", spm_model=placeholder(str), data_dir=placeholder(str), train_split="train",
@@ -38,6 +39,8 @@ def get_config(arg=None):
 
   config.model = ml_collections.ConfigDict(dict(
       name="lstm_moe", vocab_size=256, dim=128, dropout=0.1, forget_bias=1.0))
+  config.model.dtype = "float32"  # computation dtype ("bfloat16": parameters stay float32)
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       type="flat", num_experts=16, k=4, hidden_dim=256, importance_weight=0.1, load_weight=0.1,
       capacity_factor=placeholder(float), dispatch="gather", group_size=placeholder(int)))

@@ -31,6 +31,7 @@ def get_config(arg=None):
   config.checkpoint_every = 1000
   config.keep_checkpoints = 2
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
   config.expert_map_images = 4
 
   config.data = ml_collections.ConfigDict(dict(
@@ -41,6 +42,8 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       variant=None, image_size=32, patch_size=4, dim=96, depth=6, num_heads=3, mlp_dim=192, num_classes=11,
       num_registers=0, layerscale_init=None, mlp_activation="gelu", drop_path_rate=0.0))
+  config.model.dtype = "float32"  # computation dtype ("bfloat16": parameters stay float32)
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers="last:2", num_experts=8, k=1, router="top_k", capacity_factor=placeholder(float), dispatch="gather",
       group_size=placeholder(int), route_per="token", num_shared_experts=1, normalize_gates=False,

@@ -44,6 +44,7 @@ def get_config(arg=None):
   config.checkpoint_every = 2_500
   config.keep_checkpoints = 2
   config.label_smoothing = 0.0
+  config.microbatches = 1  # gradient accumulation: microbatches per step (1: none; docs/workdirs.md)
 
   config.data = ml_collections.ConfigDict(dict(
       name="HuggingFaceFW/fineweb-edu", seq_len=1024, tokenizer="sentencepiece",
@@ -55,6 +56,7 @@ def get_config(arg=None):
       positions="rope", rope_base=10_000.0, tie_embeddings=False, mlp_activation="gelu", norm="rmsnorm",
       norm_eps=1e-6, dropout=0.0, dtype="bfloat16", umoe_mixing="pre", umoe_attn_k=3, umoe_query_rank=16,
       umoe_key_dim=192, umoe_attn_shared_expert=True))
+  config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       layers="every:1", num_experts=128, k=15, hidden_dim=192, router="top_k",
       capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=1,
