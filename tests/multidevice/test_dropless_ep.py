@@ -2,7 +2,7 @@
 gradients, balanced and heavily imbalanced routing), and its compiled HLO exchanges tokens with all-to-all and
 never all-gathers an expert weight. The bounded receive buffer (model.moe.dropless_buffer_factor): a bound that
 just fits equals one device, one row less raises naming the key, for the CPU's padded exchange and for the ragged
-plan (the offsets TPU/GPU give `lax.ragged_all_to_all`, run through its CPU emulation); the default bound
+plan (the offsets TPU/GPU give `lax.ragged_all_to_all`, run through its CPU emulation); a bound of 2
 compiles to less temporary memory than the worst case."""
 
 import re
@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from vimoe import moe, parallel
 from vimoe.moe import sharding
+
+BOUNDED = 2.0  # dropless_buffer_factor of the bounded-buffer tests: receive rows = 2 x the local assignments
 
 D, H, E = 16, 32, 8
 B, T = 8, 16           # 128 token rows: 16 per device, batch item b on device b (rows split over data x expert)
@@ -150,7 +152,7 @@ def test_buffer_bound_that_fits_is_exact_and_one_row_less_raises(exchange, monke
   counts = traffic(ref_state, graphdef, x_skewed, k, mesh_shape)
   n, A = mesh_shape[1], T * k                      # A = 32 local assignments: factors r / 32 are exact in binary
   needed = counts.sum(1).max() if exchange == "emulated_ragged" else counts.max() * n
-  assert needed > 2 * A                            # more than the default holds: the bound is what is tested
+  assert needed > 2 * A                            # more than a bound of 2 holds: the bound is what is tested
   mesh = parallel.make_mesh(*mesh_shape, num_experts=E)
   # (The exact run goes last: its effects token replaces the failed run's, which would otherwise re-raise at exit.)
   for rows, fits in ((needed - (1 if exchange == "emulated_ragged" else n), False), (needed, True)):
@@ -167,13 +169,13 @@ def test_buffer_bound_that_fits_is_exact_and_one_row_less_raises(exchange, monke
           jax.block_until_ready(bounded_step(state, x_skewed))
 
 
-def test_default_buffer_compiles_to_less_temporary_memory_than_the_worst_case():
-  """E=64, k=2, D=128, H=256, 2048 tokens per device on 8 devices: the default bound (2 x the local assignments
+def test_bounded_buffer_compiles_to_less_temporary_memory_than_the_worst_case():
+  """E=64, k=2, D=128, H=256, 2048 tokens per device on 8 devices: a bound of 2 x the local assignments (
   instead of 8 x) needs at most half the worst case's temporaries, forward and backward (compiled, not run)."""
   tokens, dim, hidden, experts, k = 8 * 2048, 128, 256, 64, 2
   mesh = parallel.make_mesh(1, 8, num_experts=experts)
   temp = {}
-  for factor in (None, moe.MoeConfig.dropless_buffer_factor):
+  for factor in (None, BOUNDED):
     make = lambda: moe.MoeLayer(dim, hidden, experts, k, dispatch="gather", capacity_factor=None,
                                 dropless_buffer_factor=factor, rngs=nnx.Rngs(0))
     with jax.set_mesh(mesh):
@@ -185,7 +187,7 @@ def test_default_buffer_compiles_to_less_temporary_memory_than_the_worst_case():
       compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x).compile()
     temp[factor] = compiled.memory_analysis().temp_size_in_bytes
   print({factor: f"{size / 2**20:.1f} MiB" for factor, size in temp.items()})
-  assert temp[moe.MoeConfig.dropless_buffer_factor] <= 0.5 * temp[None]
+  assert temp[BOUNDED] <= 0.5 * temp[None]
 
 
 @pytest.mark.parametrize("value", [0.5, 0, "2", True])

@@ -58,13 +58,16 @@ class MoeConfig:
     balance loss; z_loss_weight: router z-loss.
   block_size: rows per overflow block of the dropless path (None: about sqrt of the mean load per expert).
   grouped_matmul: how the dropless path runs its experts: "block_loop" (balanced batch + overflow blocks),
-    "ragged_dot" (one grouped matmul per weight) or "auto" (block_loop on CPU, ragged_dot on gpu/tpu).
+    "ragged_dot" (`lax.ragged_dot`, one grouped matmul per weight), "gmm" (megablox's Pallas grouped matmul,
+    TPU) or "auto" (per platform, from measurements: vimoe.moe.dispatch.AUTO_GROUPED_MATMUL).
   dropless_buffer_factor: the dropless path under a mesh with an 'expert' axis of size n: each device receives at
     most ceil(factor * A_l) token rows, A_l its local assignments (tokens x k; a balanced router sends A_l on
     average); None: n * A_l, the exact worst case, which never drops. Rows past the bound raise an error from the
-    device naming this key (vimoe/moe/sharding.py, `sharded_dropless_moe`). Default 2.0: a device's experts
-    would need more than twice their fair share of a step's assignments to overflow it, and the buffer (and the
-    expert compute over it) is 2/n of the worst case (1/4 at n = 8).
+    device naming this key (vimoe/moe/sharding.py, `sharded_dropless_moe`). Default None: dropless stays exact
+    whatever the routing (early training and per-item routing can send one device several times its share). 2.0
+    bounds the buffer (and the expert compute over it) to 2/n of the worst case (1/4 at n = 8): a device's
+    experts then need more than twice their fair share of a step's assignments to overflow it. On CPU the padded
+    exchange bounds each (source, destination) pair to R / n rows, a stricter test than the per-device total.
   DeepSeek-style routing (docs/design.md, 'DeepSeek-style routing'; top_k and prototype routers only):
   score: the expert affinities s, "softmax" or "sigmoid" (the K gates are the chosen s, renormalised when
     normalize_gates). routed_scale: multiplies the routed gates (both scores).
@@ -93,7 +96,7 @@ class MoeConfig:
   z_loss_weight: float = 0.0
   block_size: int | None = None
   grouped_matmul: str = "auto"
-  dropless_buffer_factor: float | None = 2.0
+  dropless_buffer_factor: float | None = None
   score: str = "softmax"
   routed_scale: float = 1.0
   bias_update_rate: float = 0.0

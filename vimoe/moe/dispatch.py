@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vimoe.moe.backend import target_platform
 from vimoe.moe.experts import expert_mlp
 from vimoe.moe.routing import Assignment
 
@@ -211,37 +212,70 @@ def dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_ex
   return jnp.einsum("NK,NKM->NM", gates.astype(x.dtype), gathered)
 
 
-# Dropless with grouped matmuls: assignments sorted by expert, one `lax.ragged_dot` per weight matrix.
+# Dropless with grouped matmuls: assignments sorted by expert, one grouped matmul per weight matrix.
 
-GROUPED_MATMULS = ("auto", "block_loop", "ragged_dot")
+GROUPED_MATMULS = ("auto", "block_loop", "ragged_dot", "gmm")
 _MATRICES = ("w_in", "w_gate", "w_out")
+# What "auto" becomes on each platform, and the evidence: docs/benchmarks.md, "Grouped matmul on TPU" (the TPU
+# compiler's cost of each method at the paper configs' MoE shapes) and "Dropless local compute" (CPU timings).
+# GPU: not measured (no GPU has run vimoe); ragged_dot, jax's portable grouped matmul, until one is.
+AUTO_GROUPED_MATMUL = {"cpu": "block_loop", "tpu": "block_loop", "gpu": "ragged_dot"}
+GMM_ROW_TILE = 128  # megablox gmm's default m tile: rows are padded to a multiple of it
 
 
 def resolve_grouped_matmul(grouped_matmul: str) -> str:
-  """"auto" -> "block_loop" on CPU (ragged_dot measured slower there, docs/benchmarks.md), "ragged_dot" on
-  gpu/tpu (not yet measured); other names unchanged."""
+  """"auto" -> the method AUTO_GROUPED_MATMUL names for the platform being compiled for (the mesh's, even ahead
+  of time: vimoe.moe.backend); other names unchanged."""
   if grouped_matmul not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul={grouped_matmul!r} is not valid; choose one of: "
                      f"{', '.join(map(repr, GROUPED_MATMULS))}")
   if grouped_matmul == "auto":
-    return "block_loop" if jax.default_backend() == "cpu" else "ragged_dot"
+    return AUTO_GROUPED_MATMUL.get(target_platform(), "ragged_dot")
   return grouped_matmul
 
 
+def grouped_dot(method: str, group_sizes: jax.Array):
+  """dot(x [R, D], w [E, D, F]) -> [R, F]: rows sorted by expert, group e = the next group_sizes[e] rows times
+  w[e]; rows past sum(group_sizes) are zero.
+
+  "ragged_dot": `lax.ragged_dot` (any platform). "gmm": the megablox Pallas kernel for TPU
+  (`jax.experimental.pallas.ops.tpu.megablox.gmm`, with its own backward), rows padded to a multiple of 128; on
+  another platform it runs in Pallas interpret mode (slow: for tests)."""
+  if method == "ragged_dot":
+    return lambda x, w: lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+  if method != "gmm":
+    raise ValueError(f"grouped_matmul={method!r} has no grouped dot; choose 'ragged_dot' or 'gmm'")
+  from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel
+  interpret = target_platform() != "tpu"
+
+  def dot(x, w):
+    rows = x.shape[0]
+    # gmm leaves rows past the groups unwritten, in its output and in its backward's input gradient: mask both
+    # sides, so those rows are zero as with ragged_dot and their (garbage) gradients never reach x.
+    live = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+    x = jnp.where(live, x, 0)
+    pad = -rows % GMM_ROW_TILE
+    padded = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    out = megablox.gmm(padded, w.astype(x.dtype), group_sizes, x.dtype, (GMM_ROW_TILE, 128, 128), None, None,
+                       False, interpret)[:rows]
+    return jnp.where(live, out, 0)
+  return dot
+
+
 def grouped_expert_mlp(params: dict, rows: jax.Array, group_sizes: jax.Array, row_expert: jax.Array,
-                       activation: str) -> jax.Array:
+                       activation: str, method: str = "ragged_dot") -> jax.Array:
   """rows [R,M] sorted by expert, group_sizes [E], row_expert [R] -> [R,M]: expert e on its group of rows.
 
-  Weight matrices go through `lax.ragged_dot`; biases (and the PReLU slope) are gathered per row. Rows past
+  Weight matrices go through `grouped_dot(method)`; biases (and the PReLU slope) are gathered per row. Rows past
   sum(group_sizes) get only the biases' terms (callers ignore them)."""
   per_row = {name: w if name in _MATRICES else w[row_expert] for name, w in params.items()}
-  dot = lambda x, w: lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-  return expert_mlp(per_row, rows, activation, dot=dot)
+  return expert_mlp(per_row, rows, activation, dot=grouped_dot(method, group_sizes))
 
 
 def ragged_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_experts: int, params,
-               activation: str, valid: jax.Array | None = None) -> jax.Array:
-  """No-drop MoE with grouped matmuls; arguments and result as `dropless_moe` (activation names the MLP).
+               activation: str, valid: jax.Array | None = None, method: str = "ragged_dot") -> jax.Array:
+  """No-drop MoE with grouped matmuls (`grouped_dot(method)`: "ragged_dot" or "gmm"); arguments and result as
+  `dropless_moe` (activation names the MLP).
 
   The A = N*K assignments are sorted by expert (empty ones, `valid` False, last), their rows gathered into one
   [A, M] array and run through `grouped_expert_mlp`: every assignment is computed once, no padding, no loop.
@@ -256,7 +290,7 @@ def ragged_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array, num_expe
   order = jnp.argsort(flat_expert, stable=True)                       # assignments sorted by expert
   group_sizes = jnp.bincount(flat_expert, length=E).astype(jnp.int32)  # (empty rows, index E, count for none)
   sorted_out = grouped_expert_mlp(params, x[order // K], group_sizes, jnp.minimum(flat_expert[order], E - 1),
-                                  activation)                          # [A, M] in sorted order
+                                  activation, method)                  # [A, M] in sorted order
   out = jnp.zeros_like(sorted_out).at[order].set(sorted_out).reshape(N, K, M)
   if valid is not None:
     out = jnp.where(valid[..., None], out, 0)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vimoe.moe import dispatch as dispatch_lib
+from vimoe.moe.backend import target_platform
 from vimoe.moe.config import MoeConfig
 from vimoe.moe.dispatch import combine_from_buffers, fill_expert_buffers
 from vimoe.moe.experts import Experts, expert_mlp, stacked_expert_mlp
@@ -105,8 +106,8 @@ def local_dropless(x, expert_index, gates, num_experts: int, params: dict, activ
                    block_size: int | None, base_capacity: int | None = None, valid=None) -> jax.Array:
   """The dropless computation on one device: x [N,M], expert_index and gates [N,K] -> [N,M], with the block loop
   (`dispatch.dropless_moe`) or grouped matmuls (`dispatch.ragged_moe`), `grouped_matmul` resolved already."""
-  if grouped_matmul == "ragged_dot":
-    return dispatch_lib.ragged_moe(x, expert_index, gates, num_experts, params, activation, valid)
+  if grouped_matmul in ("ragged_dot", "gmm"):
+    return dispatch_lib.ragged_moe(x, expert_index, gates, num_experts, params, activation, valid, grouped_matmul)
   return dispatch_lib.dropless_moe(x, expert_index, gates, num_experts, params,
                                    lambda p, xb: expert_mlp(p, xb, activation), block_size, base_capacity, valid)
 
@@ -121,9 +122,7 @@ def dropless_exchange(mesh) -> str:
   """How the dropless rows move for the platform the mesh compiles for: "ragged" (`lax.ragged_all_to_all`) on
   TPU/GPU, "padded" (`lax.all_to_all` of per-destination buffers) on CPU, which has no ragged_all_to_all.
   "emulated_ragged" (tests) runs the ragged plan through `emulated_ragged_all_to_all` on CPU."""
-  device = getattr(mesh, "abstract_device", None)   # AbstractMesh: the platform even when compiling ahead of time
-  platform = jax.default_backend() if device is None else device.platform
-  return "padded" if platform == "cpu" else "ragged"
+  return "padded" if target_platform(mesh) == "cpu" else "ragged"  # the mesh's platform, even ahead of time
 
 
 def dropless_receive_rows(num_assignments: int, expert_devices: int, factor: float | None) -> int:
