@@ -243,3 +243,21 @@ def test_progress_bar_in_a_log_file_is_not_redrawn_every_step(tmp_path, subproce
   # The first draw, the evaluation line's clear and redraw, the final draw (5 carriage returns), plus at most one
   # redraw per 30 s of the run. (Before: one redraw per 0.1 s, 53 for these 200 steps in 26 s.)
   assert redraws <= 6 + 2 * elapsed / 30, (redraws, elapsed, result.stderr[-2000:].decode())
+
+
+def test_keys_added_after_a_run_was_made_compare_as_their_defaults():
+  """A config.json written before config.microbatches / model.remat / model.dtype /
+  model.moe.dropless_buffer_factor / init.upcycle_mode existed resumes with a config holding their defaults, and
+  is refused (named) when one of them takes another value."""
+  saved = {"seed": 0, "batch_size": 64, "model": {"depth": 2, "moe": {"k": 1}}, "init": {"checkpoint": None}}
+  new = {"seed": 0, "batch_size": 64, "microbatches": 1,
+         "model": {"depth": 2, "remat": "none", "dtype": "float32", "moe": {"k": 1, "dropless_buffer_factor": None}},
+         "init": {"checkpoint": None, "upcycle_mode": "copy"}}
+  assert trainer.config_changes(saved, new) == {}
+  changed = json.loads(json.dumps(new))
+  changed["microbatches"], changed["model"]["remat"], changed["init"]["upcycle_mode"] = 4, "full", "preserve"
+  assert trainer.config_changes(saved, changed) == {"microbatches": (1, 4), "model.remat": ("none", "full"),
+                                                    "init.upcycle_mode": ("copy", "preserve")}
+  # A key no default is known for still differs from its absence.
+  changed = dict(new, new_key=3)
+  assert trainer.config_changes(saved, changed) == {"new_key": ("<absent>", 3)}

@@ -51,11 +51,19 @@ REQUIRED_KEYS = ("task", "seed", "batch_size", "total_steps", "log_every", "eval
 # covers the whole block. They change when and how the run is logged, saved, evaluated or laid out on devices,
 # or how long it goes on, never the model, the data order, the loss or the optimizer's past updates. total_steps
 # (and optim.total_steps, which follows it) also sets the length of the learning-rate schedule: the steps after
-# the resume follow the new schedule (docs/workdirs.md).
+# the resume follow the new schedule (docs/workdirs.md). model.remat and microbatches trade memory for compute
+# (a resume on a smaller slice): remat computes the same gradients; microbatches the same update, except that
+# batch-level balance losses become their microbatches' mean (docs/workdirs.md, 'Gradient accumulation').
 SAFE_TO_CHANGE = ("total_steps", "optim.total_steps", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints", "eval_batch_size", "mesh.", "data.num_workers", "data.read_threads")
+                  "keep_checkpoints", "eval_batch_size", "mesh.", "data.num_workers", "data.read_threads",
+                  "model.remat", "microbatches")
 
 _ABSENT = "<absent>"
+
+# Keys added to the configs after runs existed, with the value a run made before then used: a config.json without
+# one of them compares as if it held that value, so an older workdir still resumes with today's configs.
+ADDED_KEY_DEFAULTS = {"microbatches": 1, "model.remat": "none", "model.dtype": "float32",
+                      "model.moe.dropless_buffer_factor": None, "init.upcycle_mode": "copy"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -200,8 +208,13 @@ def _config_record(config) -> dict:
 
 
 def config_changes(saved: dict, new: dict) -> dict:
-  """{dotted key: (saved value, new value)} for every key that differs (absent keys as '<absent>')."""
+  """{dotted key: (saved value, new value)} for every key that differs (absent keys as '<absent>', except keys of
+  ADDED_KEY_DEFAULTS, which a saved config without them held at their default)."""
   old_flat, new_flat = flatten_dict(saved, keep_empty=True), flatten_dict(new, keep_empty=True)
+  for key, default in ADDED_KEY_DEFAULTS.items():
+    parent = key.rpartition(".")[0]
+    if key not in old_flat and (not parent or any(k.startswith(parent + ".") for k in old_flat)):
+      old_flat[key] = default
   return {key: (old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT))
           for key in sorted(old_flat.keys() | new_flat.keys())
           if old_flat.get(key, _ABSENT) != new_flat.get(key, _ABSENT)}
