@@ -211,10 +211,11 @@ def config_changes(saved: dict, new: dict) -> dict:
   """{dotted key: (saved value, new value)} for every key that differs (absent keys as '<absent>', except keys of
   ADDED_KEY_DEFAULTS, which a saved config without them held at their default)."""
   old_flat, new_flat = flatten_dict(saved, keep_empty=True), flatten_dict(new, keep_empty=True)
-  for key, default in ADDED_KEY_DEFAULTS.items():
-    parent = key.rpartition(".")[0]
-    if key not in old_flat and (not parent or any(k.startswith(parent + ".") for k in old_flat)):
-      old_flat[key] = default
+  for flat in (old_flat, new_flat):
+    for key, default in ADDED_KEY_DEFAULTS.items():
+      parent = key.rpartition(".")[0]
+      if key not in flat and (not parent or any(k.startswith(parent + ".") for k in flat)):
+        flat[key] = default
   return {key: (old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT))
           for key in sorted(old_flat.keys() | new_flat.keys())
           if old_flat.get(key, _ABSENT) != new_flat.get(key, _ABSENT)}
