@@ -50,7 +50,9 @@ def base_config(*, moe_layers: str = "none", head: str = "linear", steps: int = 
   config.model.moe = ml_collections.ConfigDict(dict(
       layers=moe_layers, num_experts=num_experts, k=k, router="top_k", capacity_factor=placeholder(float),
       dispatch="gather", group_size=placeholder(int), route_per="token", num_shared_experts=num_shared_experts,
-      normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
+      normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0,
+      # Dropless expert parallelism on accelerators (docs/benchmarks.md, 'Paper configs on TPU slices'):
+      grouped_matmul="auto", dropless_buffer_factor=placeholder(float)))
   config.model.head = ml_collections.ConfigDict(dict(kind=head, freeze_backbone=False, dropout=0.1))
   config.init = ml_collections.ConfigDict(dict(checkpoint=ml_collections.config_dict.placeholder(str),
                                                noise_std=0.0))

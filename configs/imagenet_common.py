@@ -44,7 +44,9 @@ def base_config(*, variant: str, epochs: int, batch_size: int = 1024, lr: float 
       layers=moe_layers, num_experts=num_experts, k=k, router="top_k",
       capacity_factor=placeholder(float) if capacity_factor is None else capacity_factor,
       dispatch=dispatch, group_size=placeholder(int), route_per=route_per, num_shared_experts=num_shared_experts,
-      normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0))
+      normalize_gates=False, balance_weight=0.01, importance_weight=0.0, z_loss_weight=0.0,
+      # Dropless expert parallelism on accelerators (docs/benchmarks.md, 'Paper configs on TPU slices'):
+      grouped_matmul="auto", dropless_buffer_factor=placeholder(float)))
   config.init = ml_collections.ConfigDict(dict(
       checkpoint=init_checkpoint if init_checkpoint is not None else ml_collections.config_dict.placeholder(str),
       noise_std=0.0))

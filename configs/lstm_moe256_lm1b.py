@@ -58,7 +58,7 @@ def base_config(*, moe: dict, dropout: float, arg=None):
   config.model.remat = "none"  # rematerialisation of each block: "none" | "full" | "dots" (docs/models.md)
   config.model.moe = ml_collections.ConfigDict(dict(
       hidden_dim=1024, importance_weight=0.1, load_weight=0.1, capacity_factor=placeholder(float), dispatch="gather",
-      group_size=placeholder(int), **moe))
+      group_size=placeholder(int), grouped_matmul="auto", dropless_buffer_factor=placeholder(float), **moe))
 
   # Sizes None are inferred (vimoe.parallel.make_mesh) when there is more than one device.
   config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))

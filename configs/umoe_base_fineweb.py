@@ -60,7 +60,8 @@ def get_config(arg=None):
   config.model.moe = ml_collections.ConfigDict(dict(
       layers="every:1", num_experts=128, k=15, hidden_dim=192, router="top_k",
       capacity_factor=ml_collections.config_dict.placeholder(float), dispatch="gather", num_shared_experts=1,
-      normalize_gates=False, balance_weight=0.001, z_loss_weight=0.0, importance_weight=0.0, load_weight=0.0))
+      normalize_gates=False, balance_weight=0.001, z_loss_weight=0.0, importance_weight=0.0, load_weight=0.0,
+      grouped_matmul="auto", dropless_buffer_factor=ml_collections.config_dict.placeholder(float)))
 
   # Experts split over 'expert', batches over ('data', 'expert'); sizes None are inferred from the devices.
   config.mesh = ml_collections.ConfigDict(dict(data=placeholder(int), expert=placeholder(int)))
