@@ -157,6 +157,77 @@ def test_t_interval_by_hand_and_against_scipy():
   assert math.isnan(study.t_interval([5.0])["half"])
 
 
+def test_holm_adjust_by_hand():
+  # Sorted: 0.01 (x 4 = 0.04), 0.03 (x 3 = 0.09), 0.04 (x 2 = 0.08, raised to the running max 0.09), 0.2 (x 1).
+  assert study.holm_adjust([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+  # Capped at 1; NaN (no test) stays NaN and does not count in m: m = 2, 0.3 x 2 = 0.6, 0.7 x 1 -> 0.7.
+  adjusted = study.holm_adjust([0.7, float("nan"), 0.3])
+  assert adjusted[0] == pytest.approx(0.7) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+  assert study.holm_adjust([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+
+
+def test_t_p_value_against_scipy():
+  values = [1.0, 2.5, 3.2, 0.4]
+  expected = stats.ttest_1samp(values, 0.0).pvalue
+  assert study.t_p_value(study.t_interval(values)) == pytest.approx(expected, rel=1e-9)
+  assert math.isnan(study.t_p_value(study.t_interval([1.0])))
+
+
+def test_holm_intervals_by_hand():
+  """Three comparisons of 4 values each: p = 0.00014, 0.0227 and 0.391 (scipy). alpha = 0.05, m = 3: the first is
+  tested at 0.05 / 3 (rejected), the second at 0.05 / 2 (rejected), the third at 0.05 (kept); each interval is the
+  t-interval at that level, so exactly the rejected two exclude 0."""
+  family = {"a": study.t_interval([5.0, 5.5, 6.0, 5.2]), "b": study.t_interval([1.0, 2.0, 1.0, 2.5]),
+            "c": study.t_interval([1.0, -1.0, 2.0, 0.5])}
+  p = {name: stats.ttest_1samp(values, 0.0).pvalue for name, values in
+       (("a", [5.0, 5.5, 6.0, 5.2]), ("b", [1.0, 2.0, 1.0, 2.5]), ("c", [1.0, -1.0, 2.0, 0.5]))}
+  assert p["a"] < 0.05 / 3 and 0.05 / 3 < p["b"] < 0.05 / 2 and p["c"] > 0.05
+  holm = study.holm_intervals(family)
+  for name, level in (("a", 0.05 / 3), ("b", 0.05 / 2), ("c", 0.05)):
+    interval = family[name]
+    half = stats.t.ppf(1 - level / 2, 3) * interval["std"] / 2.0     # sqrt(4) = 2
+    assert holm[name]["half"] == pytest.approx(half) and holm[name]["confidence"] == pytest.approx(1 - level)
+  assert holm["a"]["p_holm"] == pytest.approx(3 * p["a"]) and holm["b"]["p_holm"] == pytest.approx(2 * p["b"])
+  assert [holm[name]["resolved"] for name in "abc"] == [True, True, False]
+  # With a fourth (d, p = 0.0426), m = 4: a is rejected at 0.05 / 4, b (0.0227 > 0.05 / 3) is the first kept, and
+  # d and c after it are tested at b's level 0.05 / 3: d is not resolved although its own p < 0.05.
+  family["d"] = study.t_interval([1.0, 1.2, 0.2, 1.6])
+  holm = study.holm_intervals(family)
+  assert stats.ttest_1samp([1.0, 1.2, 0.2, 1.6], 0.0).pvalue < 0.05
+  assert [holm[name]["resolved"] for name in "abcd"] == [True, False, False, False]
+  assert holm["d"]["confidence"] == pytest.approx(1 - 0.05 / 3) and holm["d"]["low"] < 0 < holm["d"]["high"]
+  for entry in holm.values():   # resolved <=> the Holm interval excludes 0
+    assert entry["resolved"] == (entry["low"] > 0 or entry["high"] < 0)
+
+
+def test_holm_on_the_recorded_placement_study():
+  """docs/results.md's per-seed numbers (issue 12, 3 seeds): the unadjusted intervals it quotes, recomputed
+  with scipy, and under Holm over the report's 15 comparisons none is resolved."""
+  seeds = {(0, 0): (74.02, 71.45, 80.14), (1, 0): (75.56, 77.44, 81.26), (1, 1): (74.58, 78.08, 79.18),
+           (2, 0): (78.74, 80.51, 80.85), (2, 1): (73.61, 78.83, 78.66), (3, 0): (77.23, 77.27, 80.71),
+           (3, 1): (75.70, 74.18, 77.68), (6, 0): (67.13, 67.00, 72.78), (6, 1): (78.17, 78.08, 78.64)}
+  summary = study.summarize({arm: dict(enumerate(values)) for arm, values in seeds.items()})
+  difference = np.subtract(seeds[(3, 1)], seeds[(3, 0)])             # L=3, shared minus no-shared
+  half = stats.t.ppf(0.975, 2) * difference.std(ddof=1) / math.sqrt(3)
+  assert (difference.mean(), half) == (pytest.approx(-2.55, abs=0.005), pytest.approx(2.20, abs=0.005))
+  assert summary["shared_vs_no_shared"][3]["high"] < 0                 # "resolved" before the correction
+  assert len(summary["holm"]) == 15 and not any(entry["resolved"] for entry in summary["holm"].values())
+  assert summary["flatness"]["verdict"] == "reproduced" and summary["flatness"]["holm_verdict"] == "unresolved"
+  assert summary["too_many_layers"][0]["holm_verdict"] == "unresolved"
+  # Holm's first step is Bonferroni: the smallest p is the flatness one (per-seed spread over L, shared minus
+  # no-shared: -7.63), p = 0.0064 by scipy, and 15 x 0.0064 = 0.097 > 0.05, so no comparison can be resolved.
+  spread = lambda shared: np.ptp([seeds[(L, shared)] for L in (1, 2, 3, 6)], axis=0)     # [seeds]
+  flat_p = stats.ttest_1samp(spread(1) - spread(0), 0.0).pvalue
+  assert flat_p == pytest.approx(0.0064, abs=5e-5) and 15 * flat_p > 0.05
+  assert min(entry["p"] for entry in summary["holm"].values()) == pytest.approx(flat_p)
+  assert summary["holm"][study.FLATNESS_NAME]["p_holm"] == pytest.approx(15 * flat_p)
+
+
+def test_binomial_standard_error_by_hand():
+  # The digits quickstart: 0.9831 on 355 images -> sqrt(0.9831 x 0.0169 / 355) = sqrt(4.6801e-5) = 0.006841.
+  assert study.binomial_standard_error(0.9831, 355) == pytest.approx(0.006841, abs=1e-6)
+
+
 def test_seeds_needed_by_hand():
   # s = 1: n=7 gives t_6 / sqrt(7) = 2.447 / 2.646 = 0.925 <= 1; n=6 gives 2.571 / 2.449 = 1.050 > 1.
   assert study.seeds_needed(1.0) == 7

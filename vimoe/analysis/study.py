@@ -16,6 +16,20 @@ seed, and the same seed gives every arm the same data order, so arms are compare
 mean +- t_{n-1, 0.975} s / sqrt(n), s the sample standard deviation (ddof=1). The seeds needed for a half-width of at
 most `target` at a measured s are the smallest n >= 2 with t_{n-1, 0.975} s / sqrt(n) <= target. Accuracies are
 reported in points (top-1 x 100).
+
+Multiple comparisons. The report states a verdict on every paired comparison it makes: each MoE arm vs dense,
+shared vs no-shared at each L, the flatness difference and the all-L vs best-other-L difference per shared
+setting (15 at 4 values of L). Those form one family, corrected by Holm-Bonferroni (Holm 1979): with the two-sided
+t-test p-values sorted, p_(1) <= ... <= p_(m), the adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). A
+comparison is resolved when its adjusted p < 1 - CONFIDENCE; the interval printed with it is the t-interval at the
+level Holm tests it at (`holm_intervals`), which excludes 0 exactly when it is resolved. The headline verdicts
+are the Holm ones; the unadjusted ones are printed beside them.
+
+Test-set uncertainty. The seed intervals hold the test set fixed: they measure training variation, not how the
+numbers would move on other test digits. The evaluation writes aggregate metrics only (no per-example
+predictions), so no bootstrap over test examples can be computed from a finished sweep; for one accuracy p on n
+independent examples the binomial standard error is sqrt(p (1 - p) / n) (`binomial_standard_error`), which for the
+pairs set understates it (10,000 pairs reuse 355 digits).
 """
 
 from __future__ import annotations
@@ -68,6 +82,67 @@ def seeds_needed(std: float, target: float = TARGET_POINTS, confidence: float = 
     if n > limit:
       return None
   return n
+
+
+def t_p_value(interval: dict) -> float:
+  """Two-sided p-value of "mean = 0" for a t-interval: 2 P(T_{n-1} >= |mean| sqrt(n) / std); NaN for n < 2."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  n, mean, std = interval["n"], interval["mean"], interval["std"]
+  if n < 2 or not math.isfinite(std):
+    return float("nan")
+  if std == 0:
+    return 0.0 if mean != 0 else 1.0
+  return float(2 * stats.t.sf(abs(mean) * math.sqrt(n) / std, n - 1))
+
+
+def holm_adjust(p_values) -> list[float]:
+  """Holm-Bonferroni adjusted p-values, in the order given: sorted ascending, p_(i) -> max_{j <= i} min(1,
+  (m - j + 1) p_(j)) (1-based ranks). NaN entries (no test) stay NaN and do not count in m."""
+  p_values = [float(p) for p in p_values]
+  tested = sorted((p, index) for index, p in enumerate(p_values) if math.isfinite(p))
+  m = len(tested)
+  adjusted = [float("nan")] * len(p_values)
+  running = 0.0
+  for rank, (p, index) in enumerate(tested):  # rank 0-based: factor m - rank
+    running = max(running, min(1.0, (m - rank) * p))
+    adjusted[index] = running
+  return adjusted
+
+
+def holm_intervals(family: dict, confidence: float = CONFIDENCE) -> dict:
+  """Holm over a family {name: t-interval}: {name: {"mean", "n", "p", "p_holm", "confidence", "half", "low",
+  "high", "resolved"}}. With alpha = 1 - confidence and the tested p sorted ascending, the i-th (0-based) is tested
+  at alpha / (m - i) up to the first comparison Holm does not reject (rank r); every later one at alpha / (m - r).
+  Its interval is the t-interval at that level, so it excludes 0 exactly when p_holm < alpha ("resolved")."""
+  alpha = 1.0 - confidence
+  names = list(family)
+  p = [t_p_value(family[name]) for name in names]
+  adjusted = holm_adjust(p)
+  order = sorted((value, i) for i, value in enumerate(p) if math.isfinite(value))
+  m = len(order)
+  levels, first_kept = {}, None
+  for rank, (value, i) in enumerate(order):
+    if first_kept is None and value >= alpha / (m - rank):
+      first_kept = rank
+    levels[i] = alpha / (m - (rank if first_kept is None else first_kept))
+  out = {}
+  for i, name in enumerate(names):
+    interval = family[name]
+    entry = {"mean": interval["mean"], "n": interval["n"], "p": p[i], "p_holm": adjusted[i]}
+    if i in levels:
+      half = t_quantile(interval["n"] - 1, 1.0 - levels[i]) * interval["std"] / math.sqrt(interval["n"])
+      entry.update(confidence=1.0 - levels[i], half=half, low=interval["mean"] - half,
+                   high=interval["mean"] + half, resolved=bool(adjusted[i] < alpha))
+    else:
+      entry.update(confidence=float("nan"), half=float("nan"), low=float("nan"), high=float("nan"),
+                   resolved=False)
+    out[name] = entry
+  return out
+
+
+def binomial_standard_error(accuracy: float, examples: int) -> float:
+  """sqrt(p (1 - p) / n): the standard error of an accuracy p measured on n independent test examples."""
+  return math.sqrt(accuracy * (1.0 - accuracy) / examples)
 
 
 def verdict(interval: dict, *, reproduced_if: str) -> str:
@@ -155,9 +230,32 @@ def summarize(arms: dict, *, point_seconds: float | None = None, target: float =
     interval["extra_seeds"] = extra
     interval["extra_minutes"] = (None if extra is None or point_seconds is None
                                  else extra * num_arms * point_seconds / 60.0)
+  flat, many = flatness(arms, Ls), too_many_layers(arms, Ls)
+  holm = holm_intervals(comparison_family(vs_dense, shared_vs, flat, many))
+  if "difference" in flat:
+    flat["holm_verdict"] = verdict(holm[FLATNESS_NAME], reproduced_if="below")
+  for shared, result in many.items():
+    result["holm_verdict"] = verdict(holm[too_many_name(result["all_L"], shared)], reproduced_if="below")
   return {"arms": per_arm, "vs_dense": vs_dense, "shared_vs_no_shared": shared_vs, "Ls": Ls,
           "complete_seeds": seeds, "num_arms": num_arms, "point_seconds": point_seconds,
-          "flatness": flatness(arms, Ls), "too_many_layers": too_many_layers(arms, Ls)}
+          "flatness": flat, "too_many_layers": many, "holm": holm}
+
+
+FLATNESS_NAME = "flatness: spread over L, shared minus no-shared"
+
+
+def too_many_name(all_L: int, shared: int) -> str:
+  return f"L={all_L} minus the best other L ({'shared' if shared else 'no-shared'})"
+
+
+def comparison_family(vs_dense: dict, shared_vs: dict, flat: dict, many: dict) -> dict:
+  """Every paired comparison the report gives a verdict on, {name: t-interval}: the family Holm corrects."""
+  family = {f"{name} minus dense": interval for name, interval in vs_dense.items()}
+  family.update({f"shared minus no-shared, L={L}": interval for L, interval in shared_vs.items()})
+  if "difference" in flat:
+    family[FLATNESS_NAME] = flat["difference"]
+  family.update({too_many_name(result["all_L"], shared): result for shared, result in many.items()})
+  return family
 
 
 def flatness(arms: dict, Ls: list[int]) -> dict:
@@ -349,18 +447,32 @@ def report_markdown(summary: dict, routing: dict, depth: int, *, times: dict | N
                  f"{_points(arm['std'])} | {per_seed} |")
   if figure:
     lines += ["", f"![top-1 vs L]({figure})"]
+  holm = summary.get("holm", {})
   lines += ["", "## Paired differences vs the dense fine-tune (MoE arm minus dense, points)", "",
-            "| arm | mean ± 95% CI [low, high] | resolved |", "|---|---|---|"]
+            "| arm | mean ± 95% CI [low, high] | resolved (Holm) |", "|---|---|---|"]
   for name, interval in summary["vs_dense"].items():
-    lines.append(f"| {name} | {_interval_text(interval)} | {_resolved(interval)} |")
+    lines.append(f"| {name} | {_interval_text(interval)} | {_resolved(holm.get(f'{name} minus dense', interval))} |")
   lines += ["", "## Shared minus no-shared at each L (points)", "",
-            f"| L | mean ± 95% CI [low, high] | sd of differences | half-width <= {TARGET_POINTS:g}? | seeds for "
-            f"±{TARGET_POINTS:g} | extra minutes |", "|---|---|---|---|---|---|"]
+            f"| L | mean ± 95% CI [low, high] | resolved (Holm) | sd of differences | half-width <= "
+            f"{TARGET_POINTS:g}? | seeds for ±{TARGET_POINTS:g} | extra minutes |", "|---|---|---|---|---|---|---|"]
   for L, interval in summary["shared_vs_no_shared"].items():
     extra = interval["extra_minutes"]
-    lines.append(f"| {L} | {_interval_text(interval)} | {_points(interval['std'])} | "
+    lines.append(f"| {L} | {_interval_text(interval)} | "
+                 f"{_resolved(holm.get(f'shared minus no-shared, L={L}', interval))} | {_points(interval['std'])} | "
                  f"{'yes' if interval['meets_target'] else 'no'} | {interval['seeds_needed'] or 'n/a'} | "
                  f"{_points(extra, 0) if extra is not None else 'n/a'} |")
+  if holm:
+    lines += ["", f"## Holm-Bonferroni over the {sum(math.isfinite(e['p']) for e in holm.values())} comparisons "
+              "of this report", "",
+              "Two-sided paired t-test p; Holm-adjusted p; the interval at the level Holm tests the comparison at "
+              "(it excludes 0 exactly when the adjusted p < 0.05). Verdicts below use these.", "",
+              "| comparison | mean | p | Holm p | level | Holm interval [low, high] | resolved |",
+              "|---|---|---|---|---|---|---|"]
+    for name, entry in holm.items():
+      level = f"{100 * entry['confidence']:.2f} %" if math.isfinite(entry["confidence"]) else "n/a"
+      bounds = (f"[{entry['low']:+.2f}, {entry['high']:+.2f}]" if math.isfinite(entry["half"]) else "n/a")
+      lines.append(f"| {name} | {_points(entry['mean'])} | {_points(entry['p'], 4)} | "
+                   f"{_points(entry['p_holm'], 4)} | {level} | {bounds} | {'yes' if entry['resolved'] else 'no'} |")
   lines += ["", f"Extra minutes: (seeds needed - seeds run) x {summary['num_arms']} arms x the measured time per point "
             "(all arms are rerun per seed to keep the comparisons paired)."]
   lines += ["", f"## Routing of the all-MoE models (L={depth}, seed 0)", ""]
@@ -388,7 +500,8 @@ def claim_lines(summary: dict, routing: dict, depth: int) -> list[str]:
   if 0 in flat and 1 in flat:
     difference = flat.get("difference")
     lines.append(
-        f"- (a) The shared expert stabilises and flattens accuracy across L: **{flat['verdict']}**. Spread "
+        f"- (a) The shared expert stabilises and flattens accuracy across L: **{flat.get('holm_verdict', 'unresolved')}"
+        f"** after Holm (unadjusted: {flat['verdict']}). Spread "
         f"(max - min over L) of the arm means: {flat[1]['spread_of_means']:.2f} with, {flat[0]['spread_of_means']:.2f} "
         f"without; mean seed std per arm: {_points(flat[1]['mean_seed_std'])} with, "
         f"{_points(flat[0]['mean_seed_std'])} without; per-seed spread, shared minus no-shared: "
@@ -410,7 +523,8 @@ def claim_lines(summary: dict, routing: dict, depth: int) -> list[str]:
   many = summary["too_many_layers"]
   if many:
     for shared, result in many.items():
-      lines.append(f"- (c) Too many sparse layers hurt with little data (shared={shared}): **{result['verdict']}**. "
+      lines.append(f"- (c) Too many sparse layers hurt with little data (shared={shared}): "
+                   f"**{result.get('holm_verdict', 'unresolved')}** after Holm (unadjusted: {result['verdict']}). "
                    f"L={result['all_L']} minus the best other L={result['best_other_L']}: {_interval_text(result)} "
                    f"(the best L is picked on these runs, which favours the claim).")
   else:
@@ -419,6 +533,7 @@ def claim_lines(summary: dict, routing: dict, depth: int) -> list[str]:
 
 
 def _resolved(interval: dict) -> str:
+  """'better' / 'worse' when the interval (a Holm interval in the report) excludes 0, else 'no'."""
   if interval["n"] < 2 or not math.isfinite(interval["half"]):
     return "n/a"
   if interval["high"] < 0:
@@ -455,6 +570,9 @@ def write_report(workdir, *, times: dict | None = None, routing_seed: int = 0, a
   md_path = workdir / "study.md"
   md_path.write_text(text)
   claims = {"flatness": summary["flatness"]["verdict"],
+            "flatness_holm": summary["flatness"].get("holm_verdict", "unresolved"),
+            "too_many_layers_holm": {shared: r["holm_verdict"] for shared, r in summary["too_many_layers"].items()},
+            "holm_resolved": [name for name, entry in summary["holm"].items() if entry["resolved"]],
             "specialization": {shared: specialization_verdict(a, depth) for shared, a in routing.items()},
             "too_many_layers": {shared: r["verdict"] for shared, r in summary["too_many_layers"].items()}}
   routing_numbers = {shared: {"point": a["point"], "recommendation": a["recommendation"], "digits": a["digits"],
