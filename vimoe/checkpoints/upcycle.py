@@ -27,8 +27,8 @@ That needs a gate sum G that is the same for every token:
     depends on the token, so the router kernel is set to zero: every score is 1/E (softmax; prototype logits are
     then all -||x||^2 / (2 sqrt(D))) or 1/2 (sigmoid), G = routed_scale * k / E or routed_scale * k / 2.
 Rule: b = 1 / (1 + S) and a = 1 / ((1 + S) G): the routed branch and each shared expert carry an equal 1/(1 + S)
-share of the dense MLP. The study's setting (top-1 of 8, unnormalised softmax, zero router, G = 1/8) gives a = 8,
-b = 0 for S = 0 and a = 4, b = 1/2 for S = 1; normalised gates give a = b = 1/(1 + S). Experts-choose, soft and
+share of the dense MLP. The study's setting (top-1 of 8, unnormalised softmax, zero router, G = 1/8) gives a = 8
+for S = 0 and a = 4, b = 1/2 for S = 1; normalised gates give a = b = 1/(1 + S). Experts-choose, soft and
 hash routing have no token-independent gate sum (or no exact per-token form) and are refused.
 
 What a zero router does. jax.lax.top_k breaks ties by the lowest index, so at step 0 every token (image) goes to
