@@ -127,11 +127,10 @@ def state_bytes(state, shardings=None) -> dict:
 
 
 def config_num_experts(config) -> int | None:
-  """The routed experts of one MoE layer of `config` (None for a dense model)."""
-  moe = config.model.get("moe")
-  if moe is None:
-    return None
-  return moe.get("num_experts") or moe.get("num_groups", 0) * moe.get("experts_per_group", 0) or None
+  """What the 'expert' axis must divide: the experts' stacked leading axis, from the model's shapes (None for a
+  dense model); the trainer infers its mesh from the same number."""
+  from vimoe.train import trainer  # pylint: disable=import-outside-toplevel
+  return trainer.model_expert_count(config)
 
 
 def report_mesh(config, expert: int | None, data: int | None, devices=None):
@@ -181,14 +180,33 @@ def report(config, expert: int | None, data: int | None = None, compile_step: bo
   out["peak"] = aot.peak_bytes(memory)
   out["batch_per_device"] = sum(leaf_bytes(leaf)[1] for leaf in jax.tree.leaves(batch))
   out["guard"] = sum(leaf_bytes(leaf)[1] for leaf in jax.tree.leaves(guard))
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out["flops"], out["bytes_accessed"] = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  out["flops"], out["bytes_accessed"] = _cost(compiled)
+  microbatches = config.get("microbatches", 1)
+  if microbatches > 1:
+    # The compiler's cost analysis counts a loop body once, not once per trip, so the microbatched step's own
+    # figures hold one microbatch's forward and backward. Per step: the cost of the step on one microbatch
+    # (compiled on its own) times their number, which counts the optimizer update `microbatches` times
+    # instead of once (a few FLOPs per parameter: small next to the forward and backward).
+    single = config.copy_and_resolve_references()
+    single.batch_size, single.microbatches = config.batch_size // microbatches, 1
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+      one = trainer.make_train_step(task, single, graphdef).lower(state, guard, abstract_batch(single, mesh)).compile()
+    out["compile_s"] += time.perf_counter() - start
+    flops, bytes_accessed = _cost(one)
+    out["flops"], out["bytes_accessed"] = flops * microbatches, bytes_accessed * microbatches
   out["collectives"] = aot.collective_bytes(compiled.as_text())
   if chip is not None:
     out["roofline"] = aot.roofline(out["flops"], out["bytes_accessed"], chip)
   out["compiled"] = compiled
   return out
+
+
+def _cost(compiled) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) per device of a compiled program, from the compiler's cost analysis."""
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def summary_row(out: dict) -> dict:

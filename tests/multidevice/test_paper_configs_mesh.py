@@ -89,3 +89,18 @@ def test_expert_state_is_one_eighth_per_device_in_the_compiled_step(make):
   assert out["compiled_state"] == out["state"]
   assert out["state"][("model", "experts")] == sums["model", True]
   np.testing.assert_equal(out["state"][("optimizer", "experts")], sums["optimizer", True])
+
+
+@pytest.mark.parametrize("make, expert_leading", [(lstm_4096h, 8 * 4), (umoe_base, 16), (vimoe_s14, 8)],
+                         ids=["lstm_moe4096h", "umoe_base", "vimoe_s14"])
+def test_trainer_mesh_splits_experts_when_the_config_leaves_sizes_open(make, expert_leading):
+  """The trainer's own mesh for a config whose mesh block leaves both sizes None (all three do): the 'expert' axis
+  is the largest divisor of the 8 devices and of the experts' stacked leading axis (for the hierarchical LSTM-MoE
+  its 8 groups x 4 experts, stored flat), read from the model's shapes. The LSTM-MoE configs have no
+  model.moe.layers key, and the mesh used to give them expert=1: every expert on every device."""
+  from vimoe.train import trainer
+  config, _ = make()
+  assert config.mesh.data is None and config.mesh.expert is None
+  assert trainer.model_expert_count(config) == expert_leading
+  mesh = trainer.build_mesh(config)
+  assert dict(mesh.shape) == {"data": 1, "expert": 8}

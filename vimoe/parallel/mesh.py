@@ -51,11 +51,13 @@ def make_mesh(data: int | None = None, expert: int | None = None, model: int = 1
   return Mesh(np.asarray(devices).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def mesh_from_config(config, num_experts: int | None = None) -> Mesh:
-  """Builds the mesh from a config block with optional keys `data`, `expert`, `model` (None = infer)."""
+def mesh_from_config(config, num_experts: int | None = None, devices=None) -> Mesh:
+  """Builds the mesh from a config block with optional keys `data`, `expert`, `model` (None = infer) over
+  `devices` (default: all)."""
   get = (lambda key, default: config.get(key, default)) if hasattr(config, "get") else (
       lambda key, default: getattr(config, key, default))
-  return make_mesh(get("data", None), get("expert", None), get("model", 1) or 1, num_experts=num_experts)
+  return make_mesh(get("data", None), get("expert", None), get("model", 1) or 1, num_experts=num_experts,
+                   devices=devices)
 
 
 def mesh_summary(mesh: Mesh) -> str:

@@ -427,14 +427,24 @@ def _restore_newest_good(workdir, config, model, optimizer, train_data):
 
 # Model, mesh, batches.
 
-def build_mesh(config):
-  """The ('data', 'expert') mesh from config.mesh when there is more than one device, else None."""
-  if jax.device_count() == 1 or config.get("mesh") is None:
+def model_expert_count(config) -> int | None:
+  """What the 'expert' mesh axis must divide, read from the model's shapes (built abstractly, nothing allocated):
+  the gcd of the leading axes of the arrays the partition rules split over 'expert' (routed experts; the groups
+  of a hierarchical MoE). None for a model without such arrays."""
+  task = get_task(config.task)
+  model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(params=0, noise=1, dropout=2)))
+  state = nnx.state(model, nnx.Param)
+  specs = jax.tree.leaves(parallel.partition_specs(state), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  sizes = [leaf.shape[0] for leaf, spec in zip(jax.tree.leaves(state), specs) if len(spec) and spec[0] == "expert"]
+  return math.gcd(*sizes) if sizes else None
+
+
+def build_mesh(config, devices=None):
+  """The ('data', 'expert') mesh from config.mesh when there is more than one device (or `devices` are given),
+  else None. Sizes the config leaves None are inferred from the devices and `model_expert_count`."""
+  if (devices is None and jax.device_count() == 1) or config.get("mesh") is None:
     return None
-  moe_config = config.model.get("moe") if "model" in config else None
-  num_experts = moe_config.num_experts if moe_config is not None and moe_config.get("layers", "none") != "none" \
-      else None
-  return parallel.mesh_from_config(config.mesh, num_experts=num_experts)
+  return parallel.mesh_from_config(config.mesh, num_experts=model_expert_count(config), devices=devices)
 
 
 def build(config, mesh=None):
