@@ -78,6 +78,70 @@ class ConfigMismatch(ValueError):
   """A rerun's config changes keys of the workdir's config.json that may not change."""
 
 
+class Preempted(RuntimeError):
+  """The run was asked to stop (SIGTERM, SIGINT, SIGUSR1; on several processes jax's preemption notice): it
+  finished its step, saved a checkpoint of it and released the workdir. Rerunning the command resumes there."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"preempted at step {step} ({reason}); saved checkpoint {step}")
+    self.step = step
+
+
+# Exit codes of scripts/train.py (docs/workdirs.md, 'Exit codes'): what a requeue script does next.
+EXIT_CODES = {
+    "Preempted": 75,         # EX_TEMPFAIL: requeue; the rerun resumes from the saved step
+    "WorkdirInUse": 75,      # another live run holds the workdir: retry later
+    "ConfigMismatch": 78,    # EX_CONFIG: the command's config differs from the run's; do not retry as is
+    "TrainingDiverged": 65,  # EX_DATAERR: retrying replays the same steps; change the config
+    "OSError": 74,           # EX_IOERR (disk full, unwritable workdir): retry once the cause is fixed
+}
+
+
+class PreemptionWatch:
+  """Turns the signals a scheduler sends before it kills a job into a request to stop after the current step.
+
+  One process: SIGTERM (SLURM, Kubernetes, TPU maintenance), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
+  `--signal=USR1@SECONDS`) set a flag, which the loop reads after every step; a second SIGINT interrupts at once.
+  Several processes: jax's preemption service owns SIGTERM (it tells every process and agrees on one step, so all
+  save the same checkpoint), read through orbax's `CheckpointManager.reached_preemption(step)`; the other two
+  signals are left alone, since a signal to one process alone cannot stop all of them at the same step."""
+
+  SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+  def __init__(self):
+    self.reason = None
+    self._previous = {}
+
+  def __enter__(self):
+    import signal  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      return self  # handlers can only be set from the main thread; several processes: jax's service
+    for name in self.SIGNALS:
+      number = getattr(signal, name)
+      self._previous[number] = signal.signal(number, self._handle)
+    return self
+
+  def _handle(self, number, frame):
+    import signal  # pylint: disable=import-outside-toplevel
+    del frame
+    if self.reason is not None and number == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.reason = signal.Signals(number).name
+
+  def requested(self, step: int, manager) -> str | None:
+    """The reason to stop after `step`, or None."""
+    if self.reason is None and jax.process_count() > 1 and manager.reached_preemption(step):
+      self.reason = "preemption notice"
+    return self.reason
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=import-outside-toplevel
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
+    self._previous = {}
+
+
 def validate_config(config) -> None:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
@@ -263,8 +327,17 @@ class MetricWriter:
       return
     if self.path.exists():
       self._keep_until(resume_step)
+    elif resume_step:
+      print(f"Warning: resuming from step {resume_step}, but {self.path} is missing: its lines up to step "
+            f"{resume_step} are lost (the TensorBoard events under {workdir / 'tensorboard'} still hold them)",
+            file=sys.stderr, flush=True)
     from tensorboardX import SummaryWriter
-    self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    events = workdir / "tensorboard"
+    # Events of steps after the one we resume from (a run killed after its last checkpoint, or one whose
+    # checkpoints were deleted) will be written again: purge_step tells TensorBoard to drop the old ones, so the
+    # event stream agrees with metrics.jsonl.
+    earlier = events.is_dir() and any(events.glob("events.out.tfevents.*"))
+    self.tensorboard = SummaryWriter(str(events), purge_step=resume_step + 1 if earlier else None)
 
   def _keep_until(self, resume_step: int) -> None:
     """Drops lines from after the checkpoint we resume from (they will be redone) and a torn last line (a crash
@@ -721,6 +794,20 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   final = {}
   progress, tty = _progress(config, start_step)
   window_start, window_examples = time.perf_counter(), 0
+
+  def save_checkpoint(step, batch):
+    """Checkpoint `step` (async), unless its parameters give a non-finite loss on the step's batch."""
+    with _mesh_scope(mesh):
+      loss = float(probe(state, batch))
+    if not math.isfinite(loss):
+      raise TrainingDiverged(
+          f"loss is {loss} with the parameters after step {step} (checkpoint {step} not saved) at step "
+          f"{step}; stopping. Last good checkpoint: {_last_good(manager)}")
+    nnx.update((model, optimizer), state)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
+                                               data=DataIteratorSave(train_iter)))
+
+  watch = PreemptionWatch().__enter__()
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       batch = _place(next(train_iter), mesh, train=True)
@@ -731,7 +818,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       log = step % config.log_every == 0 or step == config.total_steps
       save = step % config.checkpoint_every == 0 or step == config.total_steps
       evaluation = step % config.eval_every == 0 or step == config.total_steps
-      if not (log or save or evaluation):
+      stop = watch.requested(step, manager)
+      if not (log or save or evaluation or stop):
         continue
       _check_guard(guard, manager)  # the one read-back of the guard: only at these steps
       if log:
@@ -744,15 +832,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         writer.write(step, metrics)
         window_start, window_examples = time.perf_counter(), 0
       if save:
-        with _mesh_scope(mesh):
-          loss = float(probe(state, batch))
-        if not math.isfinite(loss):
-          raise TrainingDiverged(
-              f"loss is {loss} with the parameters after step {step} (checkpoint {step} not saved) at step "
-              f"{step}; stopping. Last good checkpoint: {_last_good(manager)}")
-        nnx.update((model, optimizer), state)
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
-                                                   data=DataIteratorSave(train_iter)))
+        save_checkpoint(step, batch)
       if evaluation:
         nnx.update((model, optimizer), state)
         final = evaluate(task, model, config, eval_step, mesh)
@@ -761,8 +841,17 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         if is_main_process():  # per-class tables, pictures
           task.after_evaluation(model, config, workdir, step, final)
         state = nnx.state((model, optimizer))  # whatever evaluation changed in the model carries on, as before
+      if stop:
+        if not save:
+          save_checkpoint(step, batch)
+        manager.wait_until_finished()
+        if manager.latest_step() != step:
+          raise RuntimeError(f"stopping at step {step} ({stop}), but checkpoint {step} was not written; last good "
+                             f"checkpoint: {_last_good(manager)}")
+        raise Preempted(step, stop)
     nnx.update((model, optimizer), state)
   finally:
+    watch.__exit__()
     progress.close()
     manager.wait_until_finished()
     manager.close()
