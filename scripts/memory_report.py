@@ -269,7 +269,10 @@ def main(argv) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   f = flags.FLAGS
-  out = report(_CONFIG.value, f.mesh_expert, f.mesh_data, not f.no_compile, f.topology)
+  try:
+    out = report(_CONFIG.value, f.mesh_expert, f.mesh_data, not f.no_compile, f.topology)
+  except (ValueError, RuntimeError) as error:  # bad topology or mesh, no libtpu: the message names it
+    sys.exit(f"memory_report.py: {error}")
   print_report(out)
   if f.output:
     pathlib.Path(f.output).write_text(json.dumps(summary_row(out), indent=2, default=str) + "\n")

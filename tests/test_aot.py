@@ -76,3 +76,22 @@ def test_missing_libtpu_is_explained():
     pass
   with pytest.raises(RuntimeError, match="make tpu-venv"):
     aot.get_topology("v5e:2x2")
+
+
+@pytest.mark.parametrize("topology, message", [("v9:2x2", "unknown TPU generation 'v9'"), ("v5e:2x2", "needs libtpu")])
+def test_memory_report_bad_topology_is_one_line(topology, message):
+  import pathlib, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    if topology == "v5e:2x2":
+      pytest.skip("this venv has libtpu")
+  except ImportError:
+    pass
+  root = pathlib.Path(__file__).resolve().parent.parent
+  result = subprocess.run([sys.executable, str(root / "scripts" / "memory_report.py"), "--config",
+                           str(root / "configs" / "quickstart.py"), "--topology", topology], capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines and lines[-1].startswith("memory_report.py: ") and message in lines[-1]
+  assert "Traceback" not in result.stderr
