@@ -23,6 +23,10 @@ What differs from the paper, and why:
   * Evaluation reads lm1b "test" (the paper's held-out set; lm1b has no validation split).
 
 lm1b must be prepared once in the ArrayRecord format (the error message gives the `tfds build` command).
+
+TPU: compiled ahead of time at batch 256 x 256 for v5e:2x2 (4 chips, expert=4) with --config.model.dtype=bfloat16:
+3.7 GiB per chip of 16 GB (2.6 GiB on v5e:2x4) (docs/benchmarks.md, 'Paper configs on TPU slices';
+`scripts/memory_report.py --topology` checks any other).
 """
 
 import ml_collections

@@ -11,6 +11,8 @@ Everything else (and what differs from the paper) is as in configs/lstm_moe256_l
 
 Memory: the experts hold 4096 x 1M = 4.3B float32 parameters (17 GB), 52 GB with Adam's two moments; on one
 device that needs an 80 GB+ accelerator. On a mesh the experts are split over the 'expert' axis.
+TPU: compiled ahead of time at batch 256 x 256 for v5e:2x4 (8 chips, expert=8) with --config.model.dtype=bfloat16:
+6.1 GiB of state and 11.9 GiB at the step's peak per chip of 16 GB (docs/benchmarks.md, 'Paper configs on TPU slices'; `scripts/memory_report.py --topology` checks any other).
 """
 
 from configs.lstm_moe256_lm1b import base_config

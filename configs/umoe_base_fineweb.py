@@ -24,6 +24,12 @@ config is meant for and the run stops at the data config check until a reader ex
 the parquet files of the subset with the `datasets` or `huggingface_hub` client (about 300 GB of text), train or
 fetch a 32k SentencePiece model and pass its path as `config.data.spm_model`, tokenize the `text` column with
 one end-of-text token after each document, and hold out a slice of documents (e.g. 0.1%) as "validation".
+
+TPU: the 1M-token batch was compiled ahead of time for v5e:2x4 (8 chips, expert=8) with --config.microbatches=16
+--config.model.remat=full --config.model.moe.dropless_buffer_factor=2.0 (bfloat16 as set here): 7.9 GiB per chip
+of 16 GB (docs/benchmarks.md, 'Paper configs on TPU slices'; `scripts/memory_report.py --topology` checks any
+other). Without microbatches and with the worst-case dropless buffer (factor None) the XLA:CPU compile asked for
+3.6 TB of temporaries per device; 16 microbatches with factor None were not compiled.
 """
 
 import ml_collections

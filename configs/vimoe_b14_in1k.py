@@ -6,6 +6,9 @@ docs/design.md, "Published numbers to compare against"; this is the next size up
         --config.init.checkpoint=ckpt/dinov2_b14 --config.data.data_dir=$TFDS_DATA_DIR
 
 Arg: epochs (default 30).
+
+TPU: compiled ahead of time at batch 1024 for v5e:2x4 (8 chips) with --config.model.dtype=bfloat16
+--config.model.remat=full: 6.7 GiB per chip of 16 GB (docs/benchmarks.md, 'Paper configs on TPU slices'; `scripts/memory_report.py --topology` checks any other).
 """
 
 from configs.imagenet_common import base_config

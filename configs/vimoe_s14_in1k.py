@@ -7,6 +7,9 @@ parameters, 6.74 GFLOPs vs 6.14 dense (docs/design.md, "Published numbers to com
         --config.init.checkpoint=ckpt/dinov2_s14 --config.data.data_dir=$TFDS_DATA_DIR
 
 Arg: "epochs" or "epochs,L" (default 30,2), e.g. configs/vimoe_s14_in1k.py:30,12 for all 12 blocks MoE.
+
+TPU: compiled ahead of time at batch 1024 for v5e:2x2 (4 chips) with --config.model.dtype=bfloat16
+--config.model.remat=full: 5.5 GiB per chip of 16 GB; on v5e:2x4 3.7 GiB with remat, 11.3 GiB without (docs/benchmarks.md, 'Paper configs on TPU slices'; `scripts/memory_report.py --topology` checks any other).
 """
 
 from configs.imagenet_common import base_config
