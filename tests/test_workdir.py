@@ -261,3 +261,13 @@ def test_keys_added_after_a_run_was_made_compare_as_their_defaults():
   # A key no default is known for still differs from its absence.
   changed = dict(new, new_key=3)
   assert trainer.config_changes(saved, changed) == {"new_key": ("<absent>", 3)}
+
+
+def test_checkpoints_without_config_json_are_refused(tmp_path):
+  """Deleting config.json must not turn the resume check off: with checkpoints present and no record of how they
+  were made, a rerun is refused (naming the steps and what to do) instead of resuming under whatever config it
+  was given."""
+  (tmp_path / "checkpoints" / "30").mkdir(parents=True)
+  with pytest.raises(trainer.ConfigMismatch, match=r"checkpoints \(steps \[30\]\) but no config\.json"):
+    trainer.reconcile_config(get_config(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # nothing written

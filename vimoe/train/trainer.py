@@ -296,8 +296,14 @@ def reconcile_config(config, workdir: pathlib.Path) -> dict:
   every other changed key with its old and new value, before anything is written.
   """
   path = workdir / "config.json"
-  if not path.exists() or not checkpoint_steps(workdir):
+  steps = checkpoint_steps(workdir)
+  if not steps:
     return {}  # nothing to resume: the run starts at step 0 with this config
+  if not path.exists():
+    raise ConfigMismatch(
+        f"{workdir} holds checkpoints (steps {steps}) but no config.json, the record of the config they were made "
+        f"with, so this command's config cannot be checked against them. Restore {path} (a copy, or the command "
+        f"that made the run), move {workdir / 'checkpoints'} away to start again here, or use another --workdir")
   try:
     saved = json.loads(path.read_text())
   except ValueError as error:
