@@ -78,6 +78,10 @@ class ConfigMismatch(ValueError):
   """A rerun's config changes keys of the workdir's config.json that may not change."""
 
 
+class CheckpointSaveFailed(OSError):
+  """An asynchronous checkpoint save failed (a full disk, a lost filesystem): the run stops at once."""
+
+
 class Preempted(RuntimeError):
   """The run was asked to stop (SIGTERM, SIGINT, SIGUSR1; on several processes jax's preemption notice): it
   finished its step, saved a checkpoint of it and released the workdir. Rerunning the command resumes there."""
@@ -716,6 +720,33 @@ def _initial_guard(step: int) -> dict:
           "bad_loss": jnp.asarray(0.0, jnp.float32)}
 
 
+class SaveWatch:
+  """Surfaces a failed background save as soon as it has finished, not at the next save (orbax reports an async
+  save's error only when waited on): after each save, every step asks whether it is done (cheap), and the first
+  step after it finishes waits on it, which raises CheckpointSaveFailed naming the cause and the newest complete
+  checkpoint on disk."""
+
+  def __init__(self, manager, workdir: pathlib.Path):
+    self.manager, self.workdir, self.pending = manager, workdir, None
+
+  def saved(self, step: int) -> None:
+    self.pending = step
+
+  def check(self, step: int, wait: bool = False) -> None:
+    if self.pending is None or (not wait and self.manager.is_saving_in_progress()):
+      return
+    saving, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  (whatever the writer raised: ENOSPC, ...)
+      steps = checkpoint_steps(self.workdir)
+      newest = f"{self.workdir / 'checkpoints' / str(steps[-1])} (step {steps[-1]})" if steps else "none"
+      text = " ".join(str(error).split())
+      cause = text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"  # the OS error is at the end
+      raise CheckpointSaveFailed(f"saving checkpoint {saving} failed ({type(error).__name__}: {cause}); stopped at "
+                                 f"step {step}. Newest complete checkpoint: {newest}") from None
+
+
 def _last_good(manager) -> str:
   last = manager.latest_step()
   return f"{manager.directory / str(last)} (step {last})" if last is not None else "none (no checkpoint yet)"
@@ -810,9 +841,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
           f"loss is {loss} with the parameters after step {step} (checkpoint {step} not saved) at step "
           f"{step}; stopping. Last good checkpoint: {_last_good(manager)}")
     nnx.update((model, optimizer), state)
+    saves.check(step, wait=True)  # the previous save, if still running, must not fail unseen under this one
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_train_state(model, optimizer)),
                                                data=DataIteratorSave(train_iter)))
+    saves.saved(step)
 
+  saves = SaveWatch(manager, workdir)
   watch = PreemptionWatch().__enter__()
   try:
     for step in range(start_step + 1, config.total_steps + 1):
@@ -825,6 +859,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       save = step % config.checkpoint_every == 0 or step == config.total_steps
       evaluation = step % config.eval_every == 0 or step == config.total_steps
       stop = watch.requested(step, manager)
+      saves.check(step)
       if not (log or save or evaluation or stop):
         continue
       _check_guard(guard, manager)  # the one read-back of the guard: only at these steps
@@ -850,18 +885,24 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
       if stop:
         if not save:
           save_checkpoint(step, batch)
-        manager.wait_until_finished()
+        saves.check(step, wait=True)
         if manager.latest_step() != step:
           raise RuntimeError(f"stopping at step {step} ({stop}), but checkpoint {step} was not written; last good "
                              f"checkpoint: {_last_good(manager)}")
         raise Preempted(step, stop)
     nnx.update((model, optimizer), state)
-  finally:
+  except CheckpointSaveFailed:
     watch.__exit__()
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    writer.close()  # the manager's failed save would only raise again (and hang nothing): leave it
+    raise
+  finally:
+    if not isinstance(sys.exc_info()[1], CheckpointSaveFailed):
+      watch.__exit__()
+      progress.close()
+      saves.check(config.total_steps, wait=True)
+      manager.close()
+      writer.close()
   if not final:  # resumed a finished run: evaluate the final state again
     final = evaluate(task, model, config, eval_step, mesh)
   return final
