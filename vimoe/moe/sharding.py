@@ -290,9 +290,10 @@ def sharded_dropless_moe(x: jax.Array, expert_index: jax.Array, gates: jax.Array
       send_token = jnp.full(n * per_pair, N_local, jnp.int32).at[slot].set(order // K, mode="drop")
       send = jnp.concatenate([x, jnp.zeros((1, M), x.dtype)], axis=0)[send_token]     # [n*per_pair, M]
       received = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)             # source-major
-    # Every device raises together (one that raised alone would leave the others waiting in the next collective).
-    raise_on_overflow(jax.lax.psum(plan["overflow"], token_axes(mesh)),
-                      lambda rows: overflow_message(rows, R, A, buffer_factor, n))
+    if buffer_factor is not None:  # the worst case (None) cannot overflow: no check, no extra collective
+      # Every device raises together (one raising alone would leave the others waiting in the next collective).
+      raise_on_overflow(jax.lax.psum(plan["overflow"], token_axes(mesh)),
+                        lambda rows: overflow_message(rows, R, A, buffer_factor, n))
     rows = received.shape[0]
     row_expert, row_valid = received_row_experts(plan["received_offsets"], plan["received_sizes"],
                                                  received_counts, rows)
